@@ -1,0 +1,268 @@
+"""Local backend: up to ``max_parallel`` trials at once on this machine, each a thread calling
+:func:`sweeper.worker.run_trial` (the trainer itself is a subprocess).
+
+CPU threads are split between trials (``OMP_NUM_THREADS`` = cores // max_parallel) and each trial
+gets its own GPU when there are any. SIGINT/SIGTERM stop the running trials cleanly: the trainers
+get SIGTERM, checkpoint, and the runs are recorded as ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from sweeper.backends import LaunchOptions
+from sweeper.store import RunState, SweepStore, hostname, pid_alive
+from sweeper.worker import TRAINER_PID, run_trial
+
+# How long a trial waits for a run lock still held by a dying orphan trainer of a killed launcher.
+ORPHAN_LOCK_WAIT_S = 60.0
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may use: ``CUDA_VISIBLE_DEVICES`` if set, else ``nvidia-smi -L``."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
+
+
+class LocalBackend:
+    """Runs trials in threads on this host."""
+
+    name = "local"
+
+    def __init__(self, cpu_count: int | None = None) -> None:
+        self.cpu_count = cpu_count or len(os.sched_getaffinity(0))
+
+    # ---- launch
+    def launch(self, store: SweepStore, runs: list[str], opts: LaunchOptions) -> None:
+        """Run ``runs`` (already claimed as ``submitted``) to completion, branches after trunks."""
+        if not runs:
+            return
+        stop = threading.Event()
+        with _stop_on_signals(stop), _progress(opts.progress, len(runs)) as bar:
+            _Scheduler(self, store, runs, opts, stop, bar).run()
+
+    def trial_env(self, max_parallel: int, gpu: str | None) -> dict[str, str]:
+        """Environment of one trial: its GPU, or its share of the CPU threads."""
+        if gpu is not None:
+            return {"CUDA_VISIBLE_DEVICES": gpu}
+        threads = max(1, self.cpu_count // max(1, max_parallel))
+        return {"OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}
+
+    # ---- reconcile / cancel
+    def reconcile(self, store: SweepStore) -> None:
+        """A submitted/running local run whose process on this host is gone: failed/cancelled."""
+        me = hostname()
+        for rid, st in store.statuses().items():
+            ev = st.last_event
+            if st.state not in (RunState.SUBMITTED, RunState.RUNNING, RunState.STALE):
+                continue
+            if ev.get("backend") != "local" or ev.get("host") != me or "pid" not in ev:
+                continue
+            if pid_alive(int(ev["pid"])):
+                continue
+            why = f"local process {ev['pid']} on {me} is gone"
+            if ev["state"] == "running":
+                store.append_event(rid, "failed", backend="local", reason=why)
+            else:
+                store.append_event(rid, "cancelled", backend="local", reason=why)
+
+    def cancel(self, store: SweepStore, run_ids: list[str]) -> None:
+        """SIGTERM the trainers of running runs (they checkpoint and end ``cancelled``); queued
+        runs are marked ``cancelled`` so their launcher skips them."""
+        for rid in run_ids:
+            st = store.status(rid)
+            if st.state == RunState.SUBMITTED:
+                store.append_event(rid, "cancelled", backend="local", reason="cancelled by user")
+            elif st.state == RunState.RUNNING and st.last_event.get("host") == hostname():
+                _terminate(store.run_dir(rid) / TRAINER_PID)
+
+
+def _terminate(pid_file: Any) -> None:
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGTERM)
+
+
+class _Scheduler:
+    """Feeds ready runs to a thread pool; a branch becomes ready when its trunk completed."""
+
+    def __init__(
+        self,
+        backend: LocalBackend,
+        store: SweepStore,
+        runs: list[str],
+        opts: LaunchOptions,
+        stop: threading.Event,
+        bar: Any,
+    ) -> None:
+        self.backend, self.store, self.opts, self.stop, self.bar = backend, store, opts, stop, bar
+        self.pending = list(runs)
+        self.parents = {rid: store.load_record(rid).get("parent") for rid in runs}
+        self.in_batch = set(runs)
+        self.finished: dict[str, str] = {}
+        self.parallel = max(1, opts.max_parallel)
+        self.gpus: queue.Queue[str | None] = queue.Queue()
+        gpus = visible_gpus()
+        for i in range(self.parallel):
+            self.gpus.put(gpus[i % len(gpus)] if gpus else None)
+
+    def run(self) -> None:
+        running: dict[Future[dict[str, Any]], str] = {}
+        with ThreadPoolExecutor(self.parallel, thread_name_prefix="trial") as pool:
+            while self.pending or running:
+                if not self.stop.is_set():
+                    self._start_ready(pool, running)
+                if not running:
+                    if self.stop.is_set() or not self.pending:
+                        break
+                    self._drop_blocked()
+                    continue
+                done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    self._finish(running.pop(fut), fut)
+        self._cancel_unstarted()
+
+    def _start_ready(self, pool: ThreadPoolExecutor, running: dict[Future[Any], str]) -> None:
+        for rid in list(self.pending):
+            if len(running) >= self.parallel:
+                return
+            ready = self._ready(rid)
+            if ready is None:
+                continue
+            self.pending.remove(rid)
+            if ready:
+                running[pool.submit(self._trial, rid)] = rid
+
+    def _ready(self, rid: str) -> bool | None:
+        """True: start; False: drop (no longer ours); None: wait for the trunk."""
+        if self.store.status(rid).state != RunState.SUBMITTED:
+            self._advance(rid, "skipped")
+            return False
+        parent = self.parents.get(rid)
+        if parent is None:
+            return True
+        if parent in self.in_batch and parent not in self.finished:
+            return None
+        if self.store.status(parent).state == RunState.COMPLETED:
+            return True
+        self.store.append_event(
+            rid, "cancelled", backend="local", reason=f"trunk {parent} is not completed"
+        )
+        self._advance(rid, "cancelled")
+        return False
+
+    def _drop_blocked(self) -> None:
+        for rid in list(self.pending):
+            if self._ready(rid) is None:  # trunk never started: cannot happen unless skipped
+                self.pending.remove(rid)
+                self.store.append_event(
+                    rid,
+                    "cancelled",
+                    backend="local",
+                    reason=f"trunk {self.parents[rid]} did not run",
+                )
+                self._advance(rid, "cancelled")
+
+    def _trial(self, rid: str) -> dict[str, Any]:
+        gpu = self.gpus.get()
+        try:
+            return run_trial(
+                self.store.root,
+                rid,
+                backend="local",
+                env=self.backend.trial_env(self.parallel, gpu),
+                on_interrupt="cancelled",
+                stop_event=self.stop,
+                wait_lock_s=ORPHAN_LOCK_WAIT_S,
+            )
+        finally:
+            self.gpus.put(gpu)
+
+    def _finish(self, rid: str, fut: Future[dict[str, Any]]) -> None:
+        try:
+            state = fut.result()["state"]
+        except Exception as e:  # noqa: BLE001 - a broken run must not stop the sweep
+            self.store.append_event(rid, "failed", backend="local", reason=f"worker error: {e!r}")
+            state = "failed"
+        self.finished[rid] = state
+        self._advance(rid, state)
+
+    def _advance(self, rid: str, state: str) -> None:
+        self.finished.setdefault(rid, state)
+        if self.bar is not None:
+            self.bar.advance(state)
+
+    def _cancel_unstarted(self) -> None:
+        for rid in self.pending:
+            if self.store.status(rid).state == RunState.SUBMITTED:
+                self.store.append_event(
+                    rid, "cancelled", backend="local", reason="interrupted before start"
+                )
+
+
+class _Bar:
+    def __init__(self, progress: Progress, total: int) -> None:
+        self.progress = progress
+        self.counts: dict[str, int] = {}
+        self.task = progress.add_task("runs", total=total, counts="")
+
+    def advance(self, state: str) -> None:
+        self.counts[state] = self.counts.get(state, 0) + 1
+        text = " ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
+        self.progress.update(self.task, advance=1, counts=text)
+
+
+@contextlib.contextmanager
+def _progress(show: bool, total: int) -> Any:
+    if not show:
+        yield None
+        return
+    columns = (
+        TextColumn("[bold]sweep"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[counts]}"),
+    )
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        yield _Bar(progress, total)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event) -> Any:
+    """SIGINT/SIGTERM set ``stop`` (only the main thread can install handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(_signum: int, _frame: Any) -> None:
+        stop.set()
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
