@@ -1,0 +1,162 @@
+"""``sweeper export``: one of a sweep's tables as CSV, Parquet, JSON lines or Markdown.
+
+Tables: ``runs``, ``horizons``, ``metrics`` (written by ``sweeper collect``; export runs a collect
+first only when the table file does not exist yet, so an export never re-reads run directories
+behind the user's back) and ``optima`` (``analysis/optima.parquet``, written by ``sweeper
+analyze``). Without an output file the export goes to stdout (except Parquet, which is binary); an
+output file is written atomically (temp file in the same directory, then rename).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from sweeper import tables
+from sweeper.errors import SweepError
+
+TABLES = ("runs", "horizons", "metrics", "optima")
+FORMATS = ("csv", "parquet", "jsonl", "markdown")
+OPTIMA = Path("analysis") / "optima.parquet"
+
+
+class ExportError(SweepError):
+    """A bad table or format name, a missing table, or an output that cannot be written."""
+
+
+def export_table(sweep_dir: Path, table: str, fmt: str, out: Path | None) -> None:
+    """Write table ``table`` of ``sweep_dir`` in format ``fmt`` to ``out`` (stdout when None).
+
+    Args:
+        sweep_dir: ``results/<sweep>``.
+        table: ``runs``, ``horizons``, ``metrics`` or ``optima``.
+        fmt: ``csv``, ``parquet``, ``jsonl`` or ``markdown``.
+        out: Output file (written atomically), or None for stdout.
+
+    Raises:
+        ExportError: unknown table or format, Parquet to stdout, ``optima`` before ``sweeper
+            analyze``, or an output file that cannot be written.
+    """
+    sweep_dir = Path(sweep_dir)
+    if table not in TABLES:
+        raise ExportError(f"--table {table!r}: unknown table (known: {', '.join(TABLES)})")
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}: unknown format (known: {', '.join(FORMATS)})")
+    if fmt == "parquet" and out is None:
+        raise ExportError("--format parquet: binary output needs a file; use -o FILE")
+    data = load_table(sweep_dir, table)
+    if out is None:
+        _write(data, fmt, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+        return
+    _write_file(data, fmt, Path(out))
+
+
+def load_table(sweep_dir: Path, table: str) -> pa.Table:
+    """Read table ``table`` of a sweep, collecting first if a collected table does not exist."""
+    if table == "optima":
+        path = sweep_dir / OPTIMA
+        if not path.is_file():
+            raise ExportError(f"{path}: not found; run `sweeper analyze` on the sweep first")
+        try:
+            return pq.read_table(path)
+        except (OSError, pa.ArrowException) as e:
+            raise ExportError(f"{path}: not a readable Parquet file ({_one_line(e)})") from None
+    path = tables.table_path(sweep_dir, table)
+    if not path.is_file():
+        from sweeper.collect import collect_sweep
+
+        collect_sweep(sweep_dir)
+    return tables.read_table(path, table)
+
+
+def _write_file(data: pa.Table, fmt: str, out: Path) -> None:
+    if not out.parent.is_dir():
+        raise ExportError(f"-o {out}: directory {out.parent} does not exist")
+    try:
+        tables.atomic_write_bytes(out, lambda f: _write(data, fmt, f))
+    except OSError as e:
+        raise ExportError(f"-o {out}: cannot write ({e.strerror or e})") from None
+
+
+def _write(data: pa.Table, fmt: str, sink: BinaryIO) -> None:
+    if fmt == "parquet":
+        pq.write_table(data, sink, compression="zstd")
+    elif fmt == "csv":
+        pacsv.write_csv(_flat(data), sink)
+    elif fmt == "jsonl":
+        _write_jsonl(data, sink)
+    else:
+        sink.write(to_markdown(data).encode())
+
+
+def _flat(data: pa.Table) -> pa.Table:
+    """CSV has no lists or dictionaries: lists become JSON text, dictionary columns plain values."""
+    cols = []
+    for col in data.columns:
+        if pa.types.is_dictionary(col.type):
+            col = col.cast(col.type.value_type)
+        elif pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            col = pa.array(
+                [None if v is None else json.dumps(v) for v in col.to_pylist()], pa.string()
+            )
+        cols.append(col)
+    return pa.table(cols, names=data.column_names)
+
+
+def _write_jsonl(data: pa.Table, sink: BinaryIO) -> None:
+    """One JSON object per row; NaN and infinities become null (JSON has none)."""
+    buf = io.StringIO()
+    for batch in data.to_batches(max_chunksize=65_536):
+        for row in batch.to_pylist():
+            buf.write(json.dumps({k: _json_value(v) for k, v in row.items()}) + "\n")
+        sink.write(buf.getvalue().encode())
+        buf.seek(0)
+        buf.truncate()
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def to_markdown(data: pa.Table) -> str:
+    """A GitHub-flavoured Markdown table (numbers right-aligned, floats to 6 significant digits)."""
+    names = data.column_names
+    numeric = [pa.types.is_integer(t) or pa.types.is_floating(t) for t in data.schema.types]
+    lines = [
+        "| " + " | ".join(_md_escape(n) for n in names) + " |",
+        "|" + "|".join("---:" if num else "---" for num in numeric) + "|",
+    ]
+    for batch in data.to_batches(max_chunksize=65_536):
+        for row in batch.to_pylist():
+            cells = (_md_cell(row[n]) for n in names)
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _md_cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, list):
+        return _md_escape(json.dumps(v))
+    return _md_escape(str(v))
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
