@@ -177,7 +177,12 @@ def test_report_writes_tables_plots_and_self_contained_html(tmp_path: Path) -> N
     df = normalise(h, source="synthetic")
     c, origin = initial_loss(df, m)
     assert c == pytest.approx(PLANTED.loss_init) and "metrics" in origin
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "norm_fit_gone.png").write_bytes(b"old")  # from an earlier analysis
+    (tmp_path / "out" / "mine.png").write_bytes(b"not ours")
     res = run_analysis(df, tmp_path / "out", opts=FitOptions(c_fixed=c, n_boot=50), metrics=m)
+    assert not (tmp_path / "out" / "norm_fit_gone.png").exists()
+    (tmp_path / "out" / "mine.png").unlink()  # a file the analysis does not own is left alone
     names = {p.name for p in res.files}
     for model in ("tiny", "small"):
         for kind in ("loss_surface", "norm_fit", "lr_law", "norm_growth"):
@@ -290,6 +295,15 @@ def test_analyze_sweep_by_name_under_results(tmp_path: Path) -> None:
     assert "optimal log2 output norm" in r.output
     r = CliRunner().invoke(cli, ["--results", str(tmp_path / "res"), "analyze", "nope"])
     assert r.exit_code == 2 and "nope" in r.output
+    # the same tables given as files: --from with --metrics draws the norm-growth figure too
+    out = tmp_path / "from"
+    r = CliRunner().invoke(
+        cli,
+        ["analyze", "--from", str(sdir / "horizons.parquet"), "--metrics",
+         str(sdir / "metrics.parquet"), "--out", str(out), "--bootstrap", "0"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert (out / "norm_growth_cpu-tiny.png").is_file()
 
 
 # ---------------------------------------------------------------------------------- refine
@@ -447,3 +461,92 @@ def test_val_loss_and_free_intercept_from_cli(tmp_path: Path) -> None:
     assert not list(out.glob("*.png"))
     r = CliRunner().invoke(cli, [*args, "--k", "2"])
     assert r.exit_code == 2 and "--k = 2" in r.output
+
+
+_E2E_SPEC = """
+name = "e2e"
+
+[[models]]
+preset = "test-micro"
+
+[data]
+kind = "synthetic"
+synthetic_tokens = 100000
+
+[grid]
+lr = [0.03125, 0.0625, 0.125]
+batch_size = [4]
+horizons_tokens = [512, 1024]
+seeds = [30]
+
+[train]
+log_every = 4
+val_tokens = 256
+checkpoint_every = 0
+threads = 1
+
+[backend]
+max_parallel = 2
+"""
+
+
+@pytest.mark.slow
+def test_real_sweep_launch_collect_analyze_refine(tmp_path: Path) -> None:
+    """Real trainer runs, real collect, then analyze and refine --apply on its tables."""
+    spec = tmp_path / "e2e.toml"
+    spec.write_text(_E2E_SPEC)
+    exe = str(Path(sys.executable).parent / "sweeper")
+    res = str(tmp_path / "results")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [exe, "--results", res, *args], capture_output=True, text=True, timeout=300
+        )
+
+    assert run("launch", str(spec), "--no-progress").returncode == 0
+    assert run("collect", "e2e").returncode == 0
+    p = run("analyze", "e2e", "--bootstrap", "20")
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "results" / "e2e" / "analysis"
+    optima = pd.read_parquet(out / "optima.parquet")
+    assert sorted(optima["tokens"]) == [512, 1024] and (optima["n_valid"] == 3).all()
+    fits = json.loads((out / "fits.json").read_text())
+    # c is the real step-0 loss of the byte-vocabulary model, ~ln(256)
+    assert abs(fits["options"]["c_fixed"] - math.log(256)) < 0.2
+    assert "norm_growth_test-micro.png" in {f.name for f in out.iterdir()}
+    runs_dir = tmp_path / "results" / "e2e" / "runs"
+    before = {d.name for d in runs_dir.iterdir()}
+    p = run("refine", "e2e", "--apply")
+    assert p.returncode == 0, p.stderr
+    points = json.loads((tmp_path / "results" / "e2e" / "extra_points.json").read_text())
+    assert points
+    new = {d.name for d in runs_dir.iterdir()} - before
+    assert len(new) == len({(pt["lr"], pt["batch_size"]) for pt in points})
+    assert all(i in p.stdout for i in new)
+
+
+def test_initial_loss_per_model_from_step0_rows(tmp_path: Path) -> None:
+    """Models with different vocabularies start from different losses; each gets its own c."""
+    grid = dict(lrs=synthetic.default_lrs(-9, -1, 0.5), batch_sizes=(32, 128), horizons=(2**22,))
+    parts = []
+    for name, vocab in (("bytes", 256), ("big", 4096)):
+        s = synthetic.Surface(gamma=4.3, noise=0.005, loss_init=math.log(vocab))
+        h, _ = synthetic.generate(s, models=(name,), **grid)
+        first = h.drop_duplicates("run_id").assign(tokens=0, step=0, train_loss=s.loss_init)
+        parts += [h, first]
+    p = tmp_path / "h.parquet"
+    pd.concat(parts, ignore_index=True).to_parquet(p)
+    out = tmp_path / "o"
+    r = CliRunner().invoke(
+        cli, ["analyze", "--from", str(p), "--out", str(out), "--no-plots", "--bootstrap", "0"]
+    )
+    assert r.exit_code == 0, r.output
+    optima = pd.read_parquet(out / "optima.parquet")
+    c = optima.groupby("model")["c_fixed"].unique()
+    assert c["bytes"] == pytest.approx([math.log(256)]) and c["big"] == pytest.approx(
+        [math.log(4096)]
+    )
+    assert (optima["tokens"] > 0).all()
+    assert (abs(optima["x0"] - PLANTED.x_star) < 0.1).all()
+    r = CliRunner().invoke(cli, ["analyze", "--from", str(p), "--free-c", "--c-fixed", "5"])
+    assert r.exit_code == 2 and "--free-c" in r.output

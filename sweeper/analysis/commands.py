@@ -10,12 +10,14 @@ import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import pandas as pd
 
 from sweeper.errors import SweepError
+
+if TYPE_CHECKING:  # pandas is imported by the commands themselves, not at CLI start-up
+    import pandas as pd
 
 
 class _UsageError(click.ClickException):
@@ -67,17 +69,28 @@ def _parse_horizons(text: str | None) -> list[int] | None:
 
 
 def _load(
-    sweep: str | None, from_file: str | None, horizons: str | None, smooth_window: int
+    sweep: str | None,
+    from_file: str | None,
+    horizons: str | None,
+    smooth_window: int,
+    metrics_file: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame | None, Path, str, str]:
     """(table, metrics, default output dir, title, source) for a sweep or a file."""
-    from sweeper.analysis.tables import load_horizons, load_metrics
+    from sweeper.analysis.tables import AnalysisError, load_horizons, load_metrics
 
     if (sweep is None) == (from_file is None):
         raise _UsageError("give either SWEEP or --from FILE (not both)")
+    if metrics_file is not None and from_file is None:
+        raise _UsageError("--metrics goes with --from (a sweep's own metrics.parquet is used)")
     if from_file is not None:
         f = Path(from_file)
         df = load_horizons(f, horizons=_parse_horizons(horizons), smooth_window=smooth_window)
-        return df, None, f.parent / f"{f.stem}-analysis", f.stem, str(f)
+        metrics = None
+        if metrics_file is not None:
+            metrics = load_metrics(metrics_file)
+            if metrics is None:
+                raise AnalysisError(f"{metrics_file}: no such file")
+        return df, metrics, f.parent / f"{f.stem}-analysis", f.stem, str(f)
     sdir = resolve_sweep(str(sweep))
     table = sdir / "horizons.parquet"
     if not table.is_file():
@@ -99,19 +112,29 @@ def _fit_options(
     seed: int,
 ) -> tuple[Any, str]:
     from sweeper.analysis.optimum import FitOptions
-    from sweeper.analysis.report import initial_loss
+    from sweeper.analysis.report import initial_loss, initial_losses
 
     if k < 3:
         raise _UsageError(f"--k = {k}: need at least 3 points for a quadratic")
     if loss not in df.columns or df[loss].isna().all():
         raise _UsageError(f"--loss = {loss}: the table has no values in column {loss}")
+    if free_c and c_fixed is not None:
+        raise _UsageError("--c-fixed and --free-c: give one or the other")
+    per_model: dict[str, float] = {}
     if free_c:
         c, origin = None, "fitted freely (--free-c)"
     elif c_fixed is not None:
         c, origin = c_fixed, "--c-fixed"
     else:
         c, origin = initial_loss(df, metrics)
-    opts = FitOptions(k=k, c_fixed=c, smooth=smooth, loss=loss, n_boot=n_boot, seed=seed)
+        per_model = initial_losses(df, metrics)
+        if len(set(per_model.values())) > 1:
+            origin += (
+                " (per model: " + ", ".join(f"{m} {v:.4g}" for m, v in per_model.items()) + ")"
+            )
+    opts = FitOptions(
+        k=k, c_fixed=c, c_per_model=per_model, smooth=smooth, loss=loss, n_boot=n_boot, seed=seed
+    )
     return opts, origin
 
 
@@ -161,6 +184,12 @@ def _common_fit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     "--from", "from_file", type=click.Path(dir_okay=False), help="Horizons table made elsewhere."
 )
 @click.option("--out", type=click.Path(file_okay=False), help="Output directory.")
+@click.option(
+    "--metrics",
+    "metrics_file",
+    type=click.Path(dir_okay=False),
+    help="With --from: the long per-step metrics table (run_id, step, tokens, metric, value).",
+)
 @_common_fit_options
 @click.option("--bootstrap", "n_boot", default=200, show_default=True, help="Resamples per slice.")
 @click.option(
@@ -179,6 +208,7 @@ def analyze(
     sweep: str | None,
     from_file: str | None,
     out: str | None,
+    metrics_file: str | None,
     k: int,
     c_fixed: float | None,
     free_c: bool,
@@ -197,7 +227,9 @@ def analyze(
     """
     from sweeper.analysis.report import run_analysis
 
-    df, metrics, default_out, title, source = _load(sweep, from_file, horizons, smooth_window)
+    df, metrics, default_out, title, source = _load(
+        sweep, from_file, horizons, smooth_window, metrics_file
+    )
     opts, origin = _fit_options(
         df, metrics, k=k, c_fixed=c_fixed, free_c=free_c, smooth=smooth, loss=loss,
         n_boot=n_boot, seed=seed,
@@ -226,7 +258,9 @@ def _fmt(fit: dict[str, Any], name: str) -> str:
 def _print_summary(res: Any) -> None:
     doc = res.fits
     n_ok = int((res.optima["status"] == "ok").sum())
-    click.echo(f"{len(res.optima)} slices, {n_ok} with an optimum; c = {doc['options']['c_fixed']}")
+    c = doc["options"]["c_fixed"]
+    c_text = "free" if c is None else f"{c:.4g} ({doc['options']['c_origin']})"
+    click.echo(f"{len(res.optima)} slices, {n_ok} with an optimum; c = {c_text}")
     for s in doc["series"] + doc["pooled"]:
         lr, bl = s["lr_law"], s["batch_law"]
         r2 = f"{lr['r2']:.3f}" if lr.get("r2") is not None else "-"

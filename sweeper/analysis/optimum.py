@@ -15,7 +15,7 @@ the k fitted points).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ class FitOptions:
     Attributes:
         k: Points fitted per slice (the toolkit's ``FIT_K``).
         c_fixed: Loss at initialisation to fix the parabola's intercept to; None fits it freely.
+        c_per_model: Per-model initial losses overriding ``c_fixed`` (models differ in vocabulary).
         max_loss: Points with loss at or above this are dropped (default: ``c_fixed``).
         smooth: Use ``train_loss_smoothed`` (and 1/std^2 weights) where the table has it.
         loss: Loss column: ``train_loss`` (the paper's) or ``val_loss``.
@@ -40,6 +41,7 @@ class FitOptions:
 
     k: int = 7
     c_fixed: float | None = None
+    c_per_model: dict[str, float] = field(default_factory=dict)
     max_loss: float | None = None
     smooth: bool = True
     loss: str = "train_loss"
@@ -261,12 +263,16 @@ def _nan_boot() -> dict[str, Any]:
 def slice_points(df: pd.DataFrame, opts: FitOptions) -> pd.DataFrame:
     """One point per (slice, lr): x = log2 norm, y = loss, std; seeds at one rate are averaged."""
     y = df[opts.loss].astype(float)
+    norm = df["output_norm"].astype(float)
     std = pd.Series(np.nan, index=df.index)
     if opts.smooth and opts.loss == "train_loss" and df["train_loss_smoothed"].notna().any():
         y = df["train_loss_smoothed"].where(df["train_loss_smoothed"].notna(), y)
         std = df["train_loss_std"]
+        if "output_norm_smoothed" in df.columns:
+            # the toolkit averages x over the same window, in log space (geometric mean)
+            norm = df["output_norm_smoothed"].where(df["output_norm_smoothed"].notna(), norm)
     with np.errstate(divide="ignore", invalid="ignore"):
-        x = np.log2(df["output_norm"].where(df["output_norm"] > 0))
+        x = np.log2(norm.where(norm > 0))
     pts = pd.DataFrame({k: df[k] for k in GROUP_KEYS})
     pts["log2_lr"] = np.log2(df["lr"])
     pts["x"], pts["y"], pts["var"] = x, y, std**2
@@ -298,7 +304,9 @@ def find_optima(df: pd.DataFrame, opts: FitOptions) -> pd.DataFrame:
         )
         gk = (key[0], key[1], key[3])
         row = dict(zip(GROUP_KEYS, key, strict=True))
-        row.update(slice_optimum(s, opts, rng, float(lo[gk]), float(hi[gk])))
+        o = replace(opts, c_fixed=opts.c_per_model.get(str(key[0]), opts.c_fixed))
+        row.update(slice_optimum(s, o, rng, float(lo[gk]), float(hi[gk])))
+        row["c_fixed"] = np.nan if o.c_fixed is None else o.c_fixed
         rows.append(row)
     out = pd.DataFrame(rows)
     if out.empty:
@@ -310,6 +318,5 @@ def find_optima(df: pd.DataFrame, opts: FitOptions) -> pd.DataFrame:
     out["edge"] = out["edge"].fillna("")
     out["vertex_outside"] = out.get("vertex_outside", False)
     out["vertex_outside"] = out["vertex_outside"].fillna(False).astype(bool)
-    out["c_fixed"] = np.nan if opts.c_fixed is None else opts.c_fixed
     first = [*GROUP_KEYS, "log2_D", "log2_B", "status", "x0", "y0", "lr_star", "edge"]
     return out[first + [c for c in out.columns if c not in first]]

@@ -56,20 +56,38 @@ class _Clock:
 def initial_loss(df: pd.DataFrame, metrics: pd.DataFrame | None) -> tuple[float | None, str]:
     """The loss at initialisation (x = 0) to fix the intercept to, and where it came from.
 
-    Looks for step-0 rows in the horizons table, then for the step-0 ``train_loss`` in the metrics
-    table; their median is taken (every run starts from the same loss, ~ln(vocab_size)).
+    Looks for step-0 rows of the table (kept aside by the loader), then for the step-0
+    ``train_loss`` in the metrics table; their median is taken (every run of a model starts from the
+    same loss, ~ln(vocab_size)). See :func:`initial_losses` for the per-model values.
     """
     if "initial_loss" in df.attrs:
-        return float(df.attrs["initial_loss"]), "median step-0 loss of the per-step table"
-    if "step" in df.columns:
-        s0 = df.loc[df["step"] == 0, "train_loss"].dropna()
-        if not s0.empty:
-            return float(s0.median()), "median step-0 loss of the horizons table"
-    if metrics is not None and "step" in metrics.columns:
-        m = metrics[(metrics["metric"] == "train_loss") & (metrics["step"] == 0)]["value"].dropna()
-        if not m.empty:
-            return float(m.median()), "median step-0 train_loss of metrics.parquet"
+        return float(df.attrs["initial_loss"]), "median step-0 loss of the table"
+    first = _metrics_step0(df, metrics)
+    if first is not None:
+        return float(first["value"].median()), "median step-0 train_loss of metrics.parquet"
     return None, "none found: intercept fitted freely"
+
+
+def initial_losses(df: pd.DataFrame, metrics: pd.DataFrame | None) -> dict[str, float]:
+    """Per-model median step-0 loss, from the same sources as :func:`initial_loss`."""
+    if "initial_loss_per_model" in df.attrs:
+        return dict(df.attrs["initial_loss_per_model"])
+    first = _metrics_step0(df, metrics)
+    if first is None:
+        return {}
+    return {str(k): float(v) for k, v in first.groupby("model")["value"].median().items()}
+
+
+def _metrics_step0(df: pd.DataFrame, metrics: pd.DataFrame | None) -> pd.DataFrame | None:
+    """Step-0 ``train_loss`` rows of the metrics table with each run's model, or None."""
+    if metrics is None or "step" not in metrics.columns:
+        return None
+    m = metrics[(metrics["metric"] == "train_loss") & (metrics["step"] == 0)].dropna(
+        subset=["value"]
+    )
+    runs = df[["run_id", "model"]].drop_duplicates("run_id")
+    m = m.assign(run_id=m["run_id"].astype(str)).merge(runs, on="run_id", how="inner")
+    return None if m.empty else m
 
 
 def run_analysis(
@@ -210,7 +228,9 @@ def _warnings(
     n_out = int(optima["vertex_outside"].sum())
     if n_out:
         out.append(f"{n_out} slice(s) have the parabola's vertex outside the fitted points")
-    for s in fits["series"] + fits["pooled"]:
+    # With one model the pooled fit is the per-model fit again: do not warn twice.
+    pooled = fits["pooled"] if optima["model"].nunique() > 1 else []
+    for s in fits["series"] + pooled:
         for law in ("lr_law", "batch_law"):
             if "error" in s[law]:
                 out.append(f"{s['model']} {s['layout']}: no {law} ({s[law]['error']})")
@@ -245,6 +265,12 @@ img{max-width:100%;border:1px solid #eee;margin:0.5em 0}
 .warn{background:#fff6e0;border-left:4px solid #e0a000;padding:0.5em 1em}
 code{background:#f3f3f3;padding:0 3px}
 """
+
+
+_ETA_TEXT = {
+    "log2_lr_star": "the rate of the point nearest the vertex (the paper's)",
+    "log2_lr_star_interp": "the rate interpolated at the optimal norm",
+}
 
 
 def _pm(fit: dict[str, Any], name: str, digits: int = 3) -> str:
@@ -312,8 +338,9 @@ def render_html(doc: dict[str, Any], optima: pd.DataFrame, figures: dict[str, by
         f"<p>Source <code>{html.escape(str(doc.get('source', '')))}</code>, made "
         f"{html.escape(doc['created'])}. Optimum per (model, D, B): weighted quadratic fit of loss "
         f"against log2 output norm on the k = {opts['k']} points nearest the minimum; intercept "
-        f"c = {opts['c_fixed'] if opts['c_fixed'] is not None else 'free'} "
-        f"({html.escape(opts.get('c_origin') or '')}); eta* = {html.escape(opts['eta_source'])}; "
+        f"c = {'free' if opts['c_fixed'] is None else format(opts['c_fixed'], '.4g')} "
+        f"({html.escape(opts.get('c_origin') or '')}); "
+        f"laws fitted to eta* = {_ETA_TEXT[opts['eta_source']]}; "
         f"{opts['n_boot']} bootstrap resamples.</p>",
     ]
     if doc["warnings"]:
@@ -324,6 +351,13 @@ def render_html(doc: dict[str, Any], optima: pd.DataFrame, figures: dict[str, by
         "<h2>Norm transfer (optimal log2 output norm x0)</h2>",
         _nt_table(doc["norm_transfer"]),
     ]
+    if doc.get("layouts"):
+        wins = ", ".join(f"{html.escape(k)}: {v}" for k, v in doc["layouts"]["wins"].items())
+        parts.append(
+            "<h2>Per-group learning-rate layouts</h2><p>Best layout (lowest y0) per "
+            f"(model, D, B) slice, count of wins: {wins}. Per-slice y0 of every layout: "
+            "<code>fits.json</code>, key <code>layouts</code>.</p>"
+        )
     bs = pd.DataFrame(doc["batch_star"])
     if not bs.empty:
         cols = ["model", "layout", "tokens", "batch_size_star", "lr_star", "y0", "x0"]

@@ -42,6 +42,7 @@ _NUMERIC = (
     "train_loss_std",
     "val_loss",
     "output_norm",
+    "output_norm_smoothed",
 )
 
 
@@ -121,10 +122,11 @@ def normalise(df: pd.DataFrame, *, source: str, default_model: str = "model") ->
         if col not in df.columns:
             df[col] = np.nan
     df["layout"] = layout_labels(df)
+    df = _drop_initial_rows(df)
     if "run_id" not in df.columns:
         df["run_id"] = _synth_run_ids(df)
     df["run_id"] = df["run_id"].astype(str)
-    bad = df["lr"].le(0) | df["batch_size"].le(0) | df["tokens"].le(0)
+    bad = ~(df["lr"].gt(0) & df["batch_size"].gt(0) & df["tokens"].gt(0))
     if bad.any():
         row = df[bad].iloc[0]
         raise AnalysisError(
@@ -137,17 +139,43 @@ def normalise(df: pd.DataFrame, *, source: str, default_model: str = "model") ->
 
 
 def layout_labels(df: pd.DataFrame) -> pd.Series:
-    """Per-group LR layout ``in:hidden:out`` as multiples of ``lr`` (``1:1:1`` when not given)."""
-    if not {"lr_in", "lr_hidden", "lr_out"} <= set(df.columns):
-        return pd.Series("1:1:1", index=df.index)
-    ratios = [df[c] / df["lr"] for c in ("lr_in", "lr_hidden", "lr_out")]
-    parts = [r.map(_fmt_ratio) for r in ratios]
-    return parts[0] + ":" + parts[1] + ":" + parts[2]
+    """Series label of each row: the per-group LR layout ``in:hidden:out`` as multiples of ``lr``.
+
+    ``1:1:1`` when the table has no per-group rates. When the table mixes schedules (``schedule``)
+    or decay branches with other runs (``kind``), the label gets the schedule and ``branch``
+    appended (``"1:1:1 wsd branch"``), so such runs never share a slice with constant-rate ones.
+    """
+    if {"lr_in", "lr_hidden", "lr_out"} <= set(df.columns):
+        ratios = [(df[c] / df["lr"]).map(_fmt_ratio) for c in ("lr_in", "lr_hidden", "lr_out")]
+        label = ratios[0] + ":" + ratios[1] + ":" + ratios[2]
+    else:
+        label = pd.Series("1:1:1", index=df.index)
+    if "schedule" in df.columns and df["schedule"].nunique(dropna=True) > 1:
+        label = label + " " + df["schedule"].fillna("unknown").astype(str)
+    if "kind" in df.columns:
+        branch = df["kind"].astype(str) == "branch"
+        if branch.any() and not branch.all():
+            label = label + branch.map({True: " branch", False: ""})
+    return label
 
 
 def layout_scales(label: str) -> list[float]:
-    """The ``[in, hidden, out]`` LR multipliers of a layout label."""
-    return [float(v) for v in label.split(":")]
+    """The ``[in, hidden, out]`` LR multipliers of a series label."""
+    return [float(v) for v in label.split(" ")[0].split(":")]
+
+
+def _drop_initial_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows at 0 tokens (before any update) are not horizons; their loss is the initial loss."""
+    init = df["tokens"] == 0
+    if not init.any():
+        return df
+    out = df[~init].copy()
+    first = df[init].dropna(subset=["train_loss"])
+    if not first.empty and "initial_loss" not in out.attrs:
+        out.attrs["initial_loss"] = float(first["train_loss"].median())
+        per_model = first.groupby("model")["train_loss"].median()
+        out.attrs["initial_loss_per_model"] = {str(k): float(v) for k, v in per_model.items()}
+    return out
 
 
 def _fmt_ratio(v: float) -> str:
