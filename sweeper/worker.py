@@ -74,7 +74,7 @@ def trainer_command(record: dict[str, Any], trial_json: Path, run_dir: Path) -> 
         if nodes > 1:
             rdzv = os.environ.get("SWEEPER_RDZV_ENDPOINT", "localhost:29500")
             prefix += [f"--nnodes={nodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv}"]
-        prefix += ["-m", "trainer"]
+        prefix += ["-m", "trainer", "--"]  # "--": torchrun would take --run for its --run-path
     else:
         prefix = [sys.executable, "-m", "trainer"]
     return [*prefix, "--run", str(trial_json), "--out", str(run_dir)]
@@ -169,8 +169,8 @@ def _execute(
                     stderr=err,
                     env=full_env,
                     pass_fds=(lock_fd,),
-                    # Own session: a terminal's Ctrl-C reaches the launcher, which stops trainers
-                    # with SIGTERM (checkpoint), not with a raw SIGINT.
+                    # Off the terminal's process group: Ctrl-C reaches the launcher, which
+                    # stops trainers with SIGTERM (checkpoint), not with a raw SIGINT.
                     start_new_session=True,
                 )
             except OSError as e:

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache directory for built-in corpora shared by the whole test session."""
+    """A cache directory for built-in corpora, shared by all tests of one pytest run."""
     return tmp_path_factory.mktemp("trainer-cache")
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,10 +17,11 @@ from typing import Any
 import pytest
 import torch
 
+from trainer.__main__ import main as cli_main
 from trainer.checkpoint import list_checkpoints, load_checkpoint
 from trainer.config import EXIT_CONFIG, EXIT_DIVERGED, EXIT_INTERRUPTED, ConfigError, TrainConfig
 from trainer.data import DataError
-from trainer.metrics import read_metrics
+from trainer.metrics import MetricsWriter, read_metrics
 from trainer.train import train
 
 METRIC_KEYS = {
@@ -116,64 +119,76 @@ def test_run_writes_the_contract_files(micro_run: Callable[..., dict], tmp_path:
         train(other, tmp_path)
 
 
-def test_sigkill_at_a_random_step_then_resume_is_bit_identical(
+def test_sigkill_sigterm_and_corrupt_checkpoint_resume_bit_identical(
     micro_run: Callable[..., dict], trainer_cli: Any, reference: list, tmp_path: Path
 ) -> None:
-    kill_at = random.randint(10, 75)
-    out = tmp_path / "killed"
-    proc = trainer_cli.start(micro_run(**LONG), out)
+    """One run killed with SIGKILL at a random step, resumed, stopped with SIGTERM, its newest
+    checkpoint corrupted, and resumed to the end: every logged value equals the reference."""
+    cfg, out = micro_run(**LONG), tmp_path / "run"
+    kill_at = random.randint(10, 60)
+    proc = trainer_cli.start(cfg, out)
     _wait_for_step(out, kill_at, proc)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not (out / "summary.json").exists(), f"run finished before the kill at {kill_at}"
     resumed_from = list_checkpoints(out / "ckpt")[-1][0]
-    done = trainer_cli.run(micro_run(**LONG), out)
-    assert done.returncode == 0, done.stderr
-    assert f"resuming at step {resumed_from}" in done.stderr
-    rows = read_metrics(out / "metrics.jsonl")
-    assert _losses(rows) == _losses(reference), f"killed at step >= {kill_at}"
-    assert _losses(rows, "val_loss") == _losses(reference, "val_loss")
-    assert _losses(rows, "output_norm") == _losses(reference, "output_norm")
-    assert _losses(rows, "update_norm_hidden") == _losses(reference, "update_norm_hidden")
 
-
-def test_sigterm_checkpoints_exits_75_and_corrupt_newest_checkpoint_falls_back(
-    micro_run: Callable[..., dict], trainer_cli: Any, reference: list, tmp_path: Path
-) -> None:
-    out = tmp_path / "term"
-    proc = trainer_cli.start(micro_run(**LONG), out)
-    _wait_for_step(out, 30, proc)
+    proc = trainer_cli.start(cfg, out)  # resumes; stopped by SIGTERM a few steps later
+    _wait_for_step(out, resumed_from + 10, proc)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == EXIT_INTERRUPTED, proc.stderr.read()
+    assert proc.wait(timeout=60) == EXIT_INTERRUPTED
+    assert f"resuming at step {resumed_from}" in proc.stderr.read()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["reason"] == "SIGTERM"
     ckpts = list_checkpoints(out / "ckpt")
-    assert ckpts[-1][0] == summary["step"] and summary["step"] % 7 != 0  # saved on the signal
-    assert len(ckpts) == 2  # the signal's checkpoint counts as a periodic one
+    assert ckpts[-1][0] == summary["step"]  # saved on the signal
+    assert len(ckpts) == 2  # the signal's checkpoint counts as one of keep_checkpoints
     state = load_checkpoint(ckpts[-1][1])
     assert state["step"] == summary["step"] and set(state) >= {"model", "optimizer", "rng"}
     assert read_metrics(out / "metrics.jsonl")[-1]["step"] == summary["step"] - 1
-    # corrupt the newest checkpoint: the run resumes from the previous one
-    ckpts[-1][1].write_bytes(b"garbage" * 100)
-    done = trainer_cli.run(micro_run(**LONG), out)
+
+    ckpts[-1][1].write_bytes(b"garbage" * 100)  # the newest is corrupt: fall back to the previous
+    done = trainer_cli.run(cfg, out)
     assert done.returncode == 0, done.stderr
     assert "unreadable" in done.stderr and f"resuming at step {ckpts[-2][0]}" in done.stderr
-    rows = read_metrics(out / "metrics.jsonl")
-    assert _losses(rows) == _losses(reference)
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    rows = read_metrics(out / "metrics.jsonl")
+    assert _losses(rows) == _losses(reference), f"killed at step >= {kill_at}"
+    for key in ("val_loss", "output_norm", "update_norm_hidden", "grad_norm"):
+        assert _losses(rows, key) == _losses(reference, key), key
 
 
-def test_huge_lr_diverges_with_exit_3(
-    micro_run: Callable[..., dict], trainer_cli: Any, tmp_path: Path
+def test_sigusr2_in_process_checkpoints_and_returns_interrupted(
+    micro_run: Callable[..., dict], tmp_path: Path
 ) -> None:
-    cfg = micro_run(optim={"lr": 3000.0}, log_every=100)
-    done = trainer_cli.run(cfg, tmp_path / "div")
-    assert done.returncode == EXIT_DIVERGED, done.stderr
-    summary = json.loads((tmp_path / "div" / "summary.json").read_text())
+    cfg = TrainConfig.from_dict(micro_run(horizons_tokens=[64 * 1000], log_every=1))
+
+    def signal_after_three_lines() -> None:
+        while len(read_metrics(tmp_path / "metrics.jsonl")) < 3:
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    sender = threading.Thread(target=signal_after_three_lines, daemon=True)
+    sender.start()
+    summary = train(cfg, tmp_path)
+    sender.join(timeout=10)
+    assert summary["status"] == "interrupted" and summary["reason"] == "SIGUSR2"
+    assert 3 <= summary["step"] < 1000
+    assert [s for s, _ in list_checkpoints(tmp_path / "ckpt")] == [summary["step"]]
+    assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL  # the handler is restored
+
+
+def test_huge_lr_diverges_with_exit_3(micro_run: Callable[..., dict], tmp_path: Path) -> None:
+    run_json = tmp_path / "run.json"
+    run_json.write_text(json.dumps({"id": "x", "train": micro_run(optim={"lr": 3000.0})}))
+    out = tmp_path / "div"
+    assert cli_main(["--run", str(run_json), "--out", str(out)]) == EXIT_DIVERGED
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["diverged_step"] == summary["step"] >= 1
     assert "initial loss" in summary["reason"] or "nan" in summary["reason"]
-    rows = read_metrics(tmp_path / "div" / "metrics.jsonl")
+    rows = read_metrics(out / "metrics.jsonl")
     assert rows[-1]["step"] == summary["diverged_step"]  # the diverged step is logged
+    assert cli_main(["--run", str(run_json), "--out", str(out)]) == EXIT_DIVERGED  # final
 
 
 @pytest.mark.parametrize(
@@ -262,6 +277,20 @@ def test_branch_from_trunk_checkpoint_equals_the_uninterrupted_run(
     with pytest.raises(ConfigError, match="no checkpoint for step 15"):
         train(TrainConfig.from_dict(missing), tmp_path / "nowhere")
     assert not (tmp_path / "nowhere").exists()
+    deeper = micro_run(**base, model={"preset": "test-micro", "n_layers": 2})
+    deeper["branch"] = {"run_dir": str(trunk), "step": 20}
+    with pytest.raises(ConfigError, match="branch: model.n_layers differs from the trunk's"):
+        train(TrainConfig.from_dict(deeper), tmp_path / "nowhere")
+
+
+def test_metrics_writer_drops_lines_from_the_resumed_step_and_a_torn_tail(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0}\n{"step": 5}\n{"step": 10}\n{"step": 1')  # killed mid-write
+    writer = MetricsWriter(path, resume_step=10)
+    writer.write({"step": 10, "train_loss": float("nan")})
+    writer.close()
+    assert read_metrics(path) == [{"step": 0}, {"step": 5}, {"step": 10, "train_loss": None}]
+    assert path.read_text().endswith("\n")
 
 
 @pytest.mark.slow
@@ -271,11 +300,11 @@ def test_stdlib_corpus_training_lowers_the_loss(data_cache: Path, tmp_path: Path
             "model": {"preset": "cpu-tiny"},
             "data": {"kind": "stdlib", "cache_dir": str(data_cache)},
             "optim": {"lr": 2**-3},
-            "batch_size": 16,
-            "horizons_tokens": [16 * 64 * 300],
+            "batch_size": 8,
+            "horizons_tokens": [8 * 64 * 300],
             "log_every": 50,
-            "val_tokens": 8192,
-            "threads": 2,
+            "val_tokens": 4096,
+            "threads": 1,
         }
     )
     summary = train(cfg, tmp_path)

@@ -1,9 +1,9 @@
 """``python -m trainer --run RUN.json --out RUN_DIR``: train one run (also under torchrun).
 
 ``RUN.json`` is a bare :class:`~trainer.config.TrainConfig` dict or a sweeper run record whose
-``"train"`` key holds one. Exit codes are ``trainer.config.EXIT_*``: 0 completed, 1 crash, 2 bad config
-(one line on stderr, nothing written), 3 diverged, 75 checkpointed on SIGTERM/SIGUSR2 (run the same
-command again to resume).
+``"train"`` key holds one. Exit codes are ``trainer.config.EXIT_*``: 0 completed, 1 crash, 2 bad
+config (one line on stderr, nothing written), 3 diverged, 75 checkpointed on SIGTERM/SIGUSR2 (run
+the same command again to resume).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Checkpoints: atomic save, newest-valid load, retention.
 
-A checkpoint is ``ckpt/step_XXXXXXXX.pt`` holding only tensors, containers and plain values (model and
-optimizer state dicts, step, RNG states, the initial loss and pending metrics), so it loads with
+A checkpoint is ``ckpt/step_XXXXXXXX.pt`` holding only tensors, containers and plain values (model
+and optimizer state dicts, step, RNG states, the initial loss and pending metrics), so it loads with
 ``torch.load(weights_only=True)``. It is written to a temp file in the same directory, fsync'd and
 ``os.replace``d, so a reader sees either the old set of files or the new one, never a partial file.
-A file that still fails to load (a disk error, a truncated copy) is skipped in favour of the previous one.
+A file that still fails to load (a disk error, a truncated copy) is skipped in favour of the
+previous one.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def load_latest(ckpt_dir: Path) -> tuple[int, dict[str, Any]] | None:
     """The newest checkpoint that loads, as ``(step, state)``; None if there is none.
 
-    A checkpoint that fails to load is logged and skipped, so a corrupt newest file falls back to the
-    previous one.
+    A checkpoint that fails to load is logged and skipped, so a corrupt newest file falls back to
+    the previous one.
     """
     for step, path in reversed(list_checkpoints(ckpt_dir)):
         try:

@@ -1,15 +1,15 @@
 """Typed, frozen run configuration of the trainer. Imports no torch.
 
-The sweeper imports this module (and only this one from ``trainer``) to validate and resolve runs on a
-machine without torch, e.g. a cluster login node. A run is described by one JSON file (``run.json``)
-that maps one-to-one onto :class:`TrainConfig`::
+The sweeper imports this module (and only this one from ``trainer``) to validate and resolve
+runs on a machine without torch, e.g. a cluster login node. A run is described by one JSON
+file (``run.json``) that maps one-to-one onto :class:`TrainConfig`::
 
     cfg = TrainConfig.from_dict(json.load(open("run.json")))   # ConfigError on any bad key or value
     json.dump(cfg.to_dict(), ...)                               # round-trips exactly
 
 Conventions: ``batch_size`` is the *global* batch in sequences; token counts end in ``_tokens``;
-``momentum`` is the conventional beta (Scion's alpha is ``1 - momentum``; beta = 0 means no momentum,
-the paper's main setting).
+``momentum`` is the conventional beta (Scion's alpha is ``1 - momentum``; beta = 0 means no
+momentum, the paper's main setting).
 """
 
 from __future__ import annotations
@@ -35,24 +35,26 @@ class ConfigError(ValueError):
     """A bad key or value in a run configuration. The message is one line naming the key."""
 
 
-# --------------------------------------------------------------------------------------------- model
+# ------------------------------------------------------------------------------------------- model
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Llama-3-style decoder with non-parametric RMSNorm everywhere (the paper's "norm-everywhere")."""
+    """Llama-3-style decoder, non-parametric RMSNorm everywhere (the paper's "norm-everywhere")."""
 
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None  # None: MHA (= n_heads); fewer: GQA
     head_dim: int | None = None  # None: d_model // n_heads
-    mlp_ratio: float = 2.75  # SwiGLU hidden = round(mlp_ratio * d_model); 2.75 matches the paper's counts
+    # SwiGLU hidden = round(mlp_ratio * d_model); 2.75 matches the paper's counts
+    mlp_ratio: float = 2.75
     vocab_size: int = 256
     seq_len: int = 256
     rope_theta: float = 10000.0
     norm_eps: float = 1e-20
-    init_gate_as_residual: bool = False  # also divide w3 by sqrt(2L) at init (torchtitan fork default)
+    # also divide w3 by sqrt(2L) at init (torchtitan fork default)
+    init_gate_as_residual: bool = False
 
     @property
     def kv_heads(self) -> int:
@@ -78,9 +80,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         _positive(self, "d_model", "n_layers", "n_heads", "vocab_size", "seq_len")
-        if self.n_kv_heads is not None and (
-            self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads
-        ):
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
             raise ConfigError(
                 f"model.n_kv_heads = {self.n_kv_heads}: must divide n_heads = {self.n_heads}"
             )
@@ -98,7 +98,7 @@ class ModelConfig:
 
 
 _PAPER_VOCAB = 128_256  # Llama-3 tokenizer
-# Presets: the paper's model family (section 4.1 of the spec) and small CPU models (byte vocabulary).
+# Presets: the paper's model family (spec section 4.1) and small CPU models (byte vocabulary).
 PRESETS: dict[str, dict[str, Any]] = {
     "proxy": dict(d_model=256, n_layers=4, n_heads=4, vocab_size=_PAPER_VOCAB, seq_len=4096),
     "x4-width": dict(d_model=1024, n_layers=4, n_heads=16, vocab_size=_PAPER_VOCAB, seq_len=4096),
@@ -114,13 +114,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def model_from_preset(preset: str, **overrides: Any) -> ModelConfig:
-    """A :class:`ModelConfig` from a named preset plus overrides; ConfigError if either is unknown."""
+    """A :class:`ModelConfig` from a named preset plus overrides; ConfigError if unknown."""
     if preset not in PRESETS:
-        raise ConfigError(f"model.preset = {preset!r}: unknown preset (known: {', '.join(PRESETS)})")
+        raise ConfigError(
+            f"model.preset = {preset!r}: unknown preset (known: {', '.join(PRESETS)})"
+        )
     return _build(ModelConfig, {**PRESETS[preset], **overrides}, "model")
 
 
-# ----------------------------------------------------------------------------------------- optimizer
+# --------------------------------------------------------------------------------------- optimizer
 
 OptimizerName = Literal["scion", "adamw", "adam_atan2"]
 OutputNorm = Literal["rownorm", "sign"]
@@ -132,8 +134,9 @@ NSDtype = Literal["auto", "float32", "bfloat16"]
 class OptimConfig:
     """Optimizer and its per-group learning rates.
 
-    Groups: ``in`` (token embedding), ``hidden`` (every 2-D matrix in the blocks), ``out`` (unembedding).
-    ``lr_in = lr * lr_scale_in`` etc.; the paper's best layout 1 : 1/8 : 1 is ``lr_scale_hidden = 0.125``.
+    Groups: ``in`` (token embedding), ``hidden`` (every 2-D matrix in the blocks), ``out``
+    (unembedding). ``lr_in = lr * lr_scale_in`` etc.; the paper's best layout 1 : 1/8 : 1 is
+    ``lr_scale_hidden = 0.125``.
     """
 
     name: OptimizerName = "scion"
@@ -143,12 +146,14 @@ class OptimConfig:
     lr_scale_out: float = 1.0
     momentum: float = 0.0  # conventional beta; Scion alpha = 1 - beta; 0 = no momentum (paper)
     nesterov: bool = False
-    weight_decay: float = 0.0  # decoupled, Disco-style: W <- (1 - wd*lr) W - lr*u; > 0 is constrained
+    # decoupled, Disco-style: W <- (1 - wd*lr) W - lr*u; > 0 is constrained
+    weight_decay: float = 0.0
     eps: float = 1e-20
     output_norm: OutputNorm = "rownorm"  # RMS->inf (paper) or Sign (Scion's 1-hot recommendation)
     ns_steps: int = 5
     ns_coefficients: NSCoefficients = "muon"  # "tuned": per-step coefficients (Disco's triton path)
-    ns_dtype: NSDtype = "auto"  # auto: bfloat16 on CUDA, float32 on CPU (bf16 matmuls are slow there)
+    # auto: bfloat16 on CUDA, float32 on CPU (bf16 matmuls are slow there)
+    ns_dtype: NSDtype = "auto"
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -192,7 +197,7 @@ class OptimConfig:
             raise ConfigError("optim.eps, optim.adam_eps and optim.grad_clip must be >= 0")
 
 
-# ------------------------------------------------------------------------------------------ schedule
+# ---------------------------------------------------------------------------------------- schedule
 
 ScheduleKind = Literal["constant", "wsd", "cosine"]
 
@@ -224,7 +229,7 @@ class ScheduleConfig:
             raise ConfigError(f"schedule.total_steps = {self.total_steps}: must be > 0")
 
 
-# ---------------------------------------------------------------------------------------------- data
+# -------------------------------------------------------------------------------------------- data
 
 DataKind = Literal["stdlib", "synthetic", "shards"]
 
@@ -233,16 +238,18 @@ DataKind = Literal["stdlib", "synthetic", "shards"]
 class DataConfig:
     """Where tokens come from.
 
-    stdlib: the Python standard library's own source files, byte-tokenized (exists on every machine).
+    stdlib: the Python standard library's own source files, byte-tokenized (on every machine).
     synthetic: a random Markov chain with a known entropy rate (tests).
     shards: a directory made by ``python -m trainer.data prepare`` (train.bin, val.bin, meta.json).
     """
 
     kind: DataKind = "stdlib"
     path: str | None = None  # shards directory (kind = "shards")
-    cache_dir: str | None = None  # where built-in corpora are prepared; None: $TRAINER_CACHE or ~/.cache
+    # where built-in corpora are prepared; None: $TRAINER_CACHE or ~/.cache
+    cache_dir: str | None = None
     synthetic_tokens: int = 4_000_000  # size of the synthetic train split
-    synthetic_branching: int = 4  # successors per state of the synthetic chain (entropy ~ log branching)
+    # successors per state of the synthetic chain (entropy ~ log branching)
+    synthetic_branching: int = 4
     val_fraction: float = 0.02
 
     def validate(self) -> None:
@@ -254,7 +261,7 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction = {self.val_fraction}: must be in (0, 0.5)")
 
 
-# -------------------------------------------------------------------------------------------- branch
+# ------------------------------------------------------------------------------------------ branch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,7 +276,7 @@ class BranchConfig:
             raise ConfigError(f"branch.step = {self.step}: must be > 0")
 
 
-# --------------------------------------------------------------------------------------------- train
+# ------------------------------------------------------------------------------------------- train
 
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "float32", "bfloat16"]
@@ -286,7 +293,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     branch: BranchConfig | None = None
     batch_size: int = 16  # global, in sequences
-    micro_batch_size: int | None = None  # per rank; None: batch_size // world_size (no accumulation)
+    # per rank; None: batch_size // world_size (no accumulation)
+    micro_batch_size: int | None = None
     seed: int = 30
     horizons_tokens: tuple[int, ...] = (2**20,)
     log_every: int = 10  # steps; every horizon step is logged as well
@@ -295,7 +303,8 @@ class TrainConfig:
     checkpoint_at_horizons: bool = False
     checkpoint_steps: tuple[int, ...] = ()  # extra steps whose checkpoints are kept (branch points)
     keep_checkpoints: int = 2  # periodic checkpoints kept (horizon/branch ones are always kept)
-    diverge_margin: float = 1.0  # loss > initial loss + margin (or NaN/inf) ends the run as diverged
+    # loss > initial loss + margin (or NaN/inf) ends the run as diverged
+    diverge_margin: float = 1.0
     device: Device = "auto"
     precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile (CUDA only)
@@ -384,7 +393,7 @@ class TrainConfig:
         return cfg
 
 
-# ------------------------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------------------- helpers
 
 
 def _positive(obj: Any, *keys: str) -> None:

@@ -1,12 +1,13 @@
 """Token data: shard directories, built-in corpora and the deterministic batch function.
 
-A shard directory holds ``train.bin`` and ``val.bin`` (flat arrays of token ids, ``uint16`` or ``uint32``,
-memory-mapped) and ``meta.json`` (dtype, vocabulary size, token counts, largest token id, tokenizer).
+A shard directory holds ``train.bin`` and ``val.bin`` (flat arrays of token ids, ``uint16`` or
+``uint32``, memory-mapped) and ``meta.json`` (dtype, vocabulary size, token counts, largest token
+id, tokenizer).
 
-The training split is cut into non-overlapping windows of ``seq_len + 1`` tokens, and the windows are
-visited in a permutation seeded by the run's seed. Sample ``j`` of step ``s`` is window
-``perm[s * batch_size + j]``, so the batch at (seed, step, rank) is a pure function, no window is seen
-twice (non-repeating data, as in the paper), and resuming needs only the step.
+The training split is cut into non-overlapping windows of ``seq_len + 1`` tokens, and the windows
+are visited in a permutation seeded by the run's seed. Sample ``j`` of step ``s`` is window
+``perm[s * batch_size + j]``, so the batch at (seed, step, rank) is a pure function, no window is
+seen twice (non-repeating data, as in the paper), and resuming needs only the step.
 
 Command line::
 
@@ -82,12 +83,15 @@ class Shards:
             if not file.is_file() or file.stat().st_size == 0:
                 raise DataError(f"data.path = {str(path)!r}: {file.name} is missing or empty")
             splits[split] = np.memmap(file, dtype=dtype, mode="r")
+        top = meta.get("max_token_id")
+        if top is None:  # shards written by another tool: scan once
+            top = max(int(splits["train"].max()), int(splits["val"].max()))
         return cls(
             path=path,
             train=splits["train"],
             val=splits["val"],
-            vocab_size=int(meta["vocab_size"]),
-            max_token_id=int(meta["max_token_id"]),
+            vocab_size=int(meta.get("vocab_size", top + 1)),
+            max_token_id=int(top),
         )
 
     def check_vocab(self, vocab_size: int) -> None:
@@ -207,7 +211,7 @@ def _write_tokens(chunks: Iterable[np.ndarray], out: Path, dtype: np.dtype) -> t
 
 
 def _split_tail(all_path: Path, tmp: Path, dtype: np.dtype, n: int, n_val: int) -> None:
-    """Move the last ``n_val`` tokens of ``all_path`` into ``val.bin``; the rest becomes ``train.bin``."""
+    """Move the last ``n_val`` tokens of ``all_path`` to ``val.bin``; the rest is ``train.bin``."""
     tokens = np.memmap(all_path, dtype=dtype, mode="r")
     with open(tmp / "val.bin", "wb") as f:
         for i in range(n - n_val, n, _CHUNK_TOKENS):
@@ -314,7 +318,7 @@ def prepare_text(
     Args:
         inputs: Files, or directories searched recursively for ``pattern``.
         out: The shard directory to create (must not hold shards yet).
-        tokenizer: A Hugging Face ``tokenizer.json``; None uses the built-in byte tokenizer (vocab 256).
+        tokenizer: A Hugging Face ``tokenizer.json``; None: the built-in byte tokenizer (vocab 256).
         val_fraction: Fraction of tokens (the corpus tail) held out for validation.
         pattern: File-name pattern used inside directories.
 
@@ -354,9 +358,9 @@ def synthetic_entropy(cfg: DataConfig) -> float:
 def synthetic_tokens(vocab_size: int, branching: int, n: int) -> np.ndarray:
     """A Markov chain where every token has ``branching`` equally likely successors.
 
-    The hidden state walks ``x_{t+1} = x_t + c[r_t] mod V`` with ``branching`` distinct offsets ``c`` and
-    uniform ``r_t``; tokens are a fixed permutation of the state. The entropy rate is exactly
-    ``log(branching)``, and the walk is a cumulative sum, so generation is vectorised.
+    The hidden state walks ``x_{t+1} = x_t + c[r_t] mod V`` with ``branching`` distinct offsets
+    ``c`` and uniform ``r_t``; tokens are a fixed permutation of the state. The entropy rate is
+    exactly ``log(branching)``, and the walk is a cumulative sum, so generation is vectorised.
     """
     if not 0 < branching < vocab_size:
         raise DataError(

@@ -1,7 +1,7 @@
 """What a run logs: model norms, the metrics.jsonl writer and atomic JSON files.
 
-The line format is the contract in ``docs/architecture.md`` ("Metrics line keys"); ``sweeper.collect``
-reads it. Only rank 0 writes.
+The line format is the contract in ``docs/architecture.md`` ("Metrics line keys");
+``sweeper.collect`` reads it. Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ def weight_norms(model: nn.Module) -> dict[str, float]:
     """The paper's tracked norms of the current weights.
 
     Returns:
-        ``output_norm`` (RMS->inf of the unembedding, the paper's "output norm"), ``output_norm_rms``
-        (its RMS->RMS norm), ``input_norm`` (1->RMS of the token embedding) and ``hidden_norm``
-        (RMS->RMS of the last block's ``w2``).
+        ``output_norm`` (RMS->inf of the unembedding, the paper's "output norm"),
+        ``output_norm_rms`` (its RMS->RMS norm), ``input_norm`` (1->RMS of the token embedding)
+        and ``hidden_norm`` (RMS->RMS of the last block's ``w2``).
     """
     out = model.output.weight
     return {

@@ -61,6 +61,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torc
 
 
 def _coefficient_schedule(coefficients: str, steps: int) -> Sequence[tuple[float, float, float]]:
+    if steps < 1:
+        raise ValueError(f"ns steps = {steps}: must be >= 1")
     if coefficients == "muon":
         return [MUON_COEFFICIENTS] * steps
     if coefficients == "tuned":
@@ -92,6 +94,10 @@ def newton_schulz(
     values come out in a band around 1 (up to ~1.13 with the Muon coefficients, ~1.02 tuned), not
     exactly 1.
 
+    In float32/float64, matrices at least twice as wide as tall (e.g. the SwiGLU 256 x 704 ones)
+    run the same iteration in its Gram form (see :func:`_newton_schulz_gram`), which needs ~30%
+    fewer flops; lower precisions always use the plain iteration.
+
     Args:
         G: a matrix ``(m, n)`` or a batch ``(k, m, n)``; each matrix is orthogonalised on its own.
         steps: iterations.
@@ -112,14 +118,47 @@ def newton_schulz(
     if tall:
         X = X.mT
     X = X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)
-    for a, b, c in schedule:
-        A = torch.bmm(X, X.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
+    gram = X.dtype in (torch.float32, torch.float64) and X.shape[-1] >= 2 * X.shape[-2]
+    X = _newton_schulz_gram(X, schedule) if gram else _newton_schulz_plain(X, schedule)
     if tall:
         X = X.mT
     X = X if G.ndim == 3 else X.squeeze(0)
     return X.to(G.dtype)
+
+
+def _newton_schulz_plain(
+    X: torch.Tensor, schedule: Sequence[tuple[float, float, float]]
+) -> torch.Tensor:
+    """The textbook iteration on a normalised wide batch ``(k, m, n)``, ``m <= n``."""
+    for a, b, c in schedule:
+        A = torch.bmm(X, X.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
+    return X
+
+
+def _newton_schulz_gram(
+    X: torch.Tensor, schedule: Sequence[tuple[float, float, float]]
+) -> torch.Tensor:
+    """The same iteration carried out on ``m x m`` Gram matrices of a wide batch ``(k, m, n)``.
+
+    Every iterate is ``X_j = Q_j X_0`` with ``Q_j`` a polynomial in ``M_0 = X_0 X_0^T``, so all the
+    ``m x m`` matrices commute: ``P_j = a I + b M_j + c M_j^2``, ``Q_{j+1} = P_j Q_j`` and
+    ``M_{j+1} = X_{j+1} X_{j+1}^T = P_j^2 M_j``. Only the first and last products touch the
+    ``n``-wide matrix, so for ``n >= 2m`` this costs ~30% fewer flops than the plain iteration. The
+    result is the same polynomial of ``X_0``; in float32 it differs from the plain iteration by
+    ~1e-5 of the entries (bf16 would not be accurate enough, hence the dtype gate).
+    """
+    M = torch.bmm(X, X.mT)
+    Q = None
+    for j, (a, b, c) in enumerate(schedule):
+        P = torch.baddbmm(M, M, M, beta=b, alpha=c)
+        P.diagonal(dim1=-2, dim2=-1).add_(a)
+        Q = P if Q is None else torch.bmm(P, Q)
+        if j < len(schedule) - 1:
+            M = torch.bmm(P, torch.bmm(P, M))
+    assert Q is not None
+    return torch.bmm(Q, X)
 
 
 # --------------------------------------------------------------------------------------------- LMOs
@@ -437,9 +476,11 @@ def _batched_spectral(items: list[_Item]) -> dict[torch.Tensor, torch.Tensor]:
     for (_, _, _, steps, coefficients, ns_dtype, eps), bucket in buckets.items():
         stacked = torch.stack([d.mT if tall else d for _, d, tall in bucket])
         ortho = newton_schulz(stacked, steps, coefficients, eps, ns_dtype)
-        for (p, d, tall), u in zip(bucket, ortho.unbind(0), strict=True):
-            u = u.mT if tall else u
-            updates[p] = u * math.sqrt(d.shape[0] / d.shape[1])
+        # sqrt(d_out / d_in) of each parameter as stored, applied in place to the whole batch
+        scales = [math.sqrt(d.shape[0] / d.shape[1]) for _, d, _ in bucket]
+        ortho.mul_(torch.tensor(scales, dtype=ortho.dtype, device=ortho.device).view(-1, 1, 1))
+        for (p, _, tall), u in zip(bucket, ortho.unbind(0), strict=True):
+            updates[p] = u.mT if tall else u
     return updates
 
 

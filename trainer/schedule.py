@@ -1,18 +1,20 @@
 """Learning-rate schedules: the LR multiplier as a pure function of the optimizer step.
 
-``lr_multiplier(cfg, step, total_steps)`` is the factor applied to every group's base LR for the update
-that takes the model from ``step`` to ``step + 1`` (so ``step`` runs over ``0 .. total_steps - 1``).
+``lr_multiplier(cfg, step, total_steps)`` is the factor applied to every group's base LR for the
+update that takes the model from ``step`` to ``step + 1`` (``step`` runs over
+``0 .. total_steps - 1``).
 Because it depends on nothing but its arguments, a resumed run or a decay branch forked from a
 constant-LR trunk sees exactly the LRs an uninterrupted run would have used.
 
 Kinds (``trainer.config.ScheduleConfig``):
 
-* ``constant``: linear warmup over ``warmup_steps`` (the first update uses ``1 / warmup_steps``), then 1.
-  With no warmup this is the paper's main-scan schedule.
-* ``wsd``: warmup, stable at 1, then a linear decay over the last ``decay_fraction`` of the steps. The
-  decay starts at 1 and reaches ``min_lr_ratio`` one step after the last update (torchtitan's "virtual
-  last step"), so no update is wasted with an LR of exactly 0.
-* ``cosine``: warmup, then a half cosine from 1 towards ``min_lr_ratio`` with the same end convention.
+* ``constant``: linear warmup over ``warmup_steps`` (the first update uses ``1 / warmup_steps``),
+  then 1. With no warmup this is the paper's main-scan schedule.
+* ``wsd``: warmup, stable at 1, then a linear decay over the last ``decay_fraction`` of the steps.
+  The decay starts at 1 and reaches ``min_lr_ratio`` one step after the last update (torchtitan's
+  "virtual last step"), so no update is wasted with an LR of exactly 0.
+* ``cosine``: warmup, then a half cosine from 1 towards ``min_lr_ratio``, with the same end
+  convention.
 """
 
 from __future__ import annotations

@@ -7,13 +7,14 @@ update that produced ``W_s``), checks divergence, and, unless ``s`` is the last 
 and every quantity on a line refers to the same weights.
 
 A checkpoint at step ``s`` is written before line ``s``, so a resumed run drops metrics lines from
-``s`` on and logs them again: on CPU the result is bit-identical to a run never interrupted, since the
-batch is a pure function of the step and the schedule a pure function of the step too.
+``s`` on and logs them again: on CPU the result is bit-identical to a run never interrupted, since
+the batch and the schedule are pure functions of the step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -131,8 +132,6 @@ def _first_difference(a: Any, b: Any, where: str = "") -> str | None:
 
 def check_run_dir(cfg: TrainConfig, out_dir: Path) -> dict[str, Any] | None:
     """Refuse a run directory made by a different config; return its final summary if it has one."""
-    import json
-
     config_file = out_dir / "config.json"
     if config_file.exists():
         try:
@@ -276,9 +275,16 @@ class Trainer:
                 f"{branch.step} ({path} is missing)"
             )
         try:
-            return _Start(branch.step, load_checkpoint(path), resumed=False)
+            state = load_checkpoint(path)
         except Exception as e:  # an unreadable trunk checkpoint is bad input, not a crash
             raise ConfigError(f"branch: cannot load {path} ({type(e).__name__})") from None
+        trunk = state.get("config", {})
+        mine = self.cfg.to_dict()
+        for section in ("model", "optim"):
+            key = _first_difference(trunk.get(section, {}), mine[section], section)
+            if key and (section == "model" or key == "optim.name"):
+                raise ConfigError(f"branch: {key} differs from the trunk's ({path})")
+        return _Start(branch.step, state, resumed=False)
 
     def _build(self) -> None:
         cfg, env = self.cfg, self.env
@@ -290,6 +296,7 @@ class Trainer:
         self.wall_before = 0.0
         if self.start.state is not None:
             self._load(self.start.state)
+            self.start.state = None  # the weights now live in the model; free the copy
         fwd: nn.Module = self.model
         if env.distributed:
             ids = [env.device.index] if env.device.type == "cuda" else None
@@ -303,7 +310,7 @@ class Trainer:
 
     def _load(self, state: dict[str, Any]) -> None:
         data = state.get("data", {})
-        if data and data.get("n_windows") != self.source.windows.n_windows:
+        if self.start.resumed and data.get("n_windows") != self.source.windows.n_windows:
             raise DataError(
                 f"data: the corpus changed since the checkpoint ({data.get('n_windows')} "
                 f"windows then, {self.source.windows.n_windows} now)"
@@ -572,7 +579,7 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
-    """Train one run into ``out_dir`` (resuming from its newest valid checkpoint); return the summary.
+    """Train one run into ``out_dir``, resuming from its newest valid checkpoint.
 
     Works in-process and under torchrun (every rank calls it). Everything that can be checked
     before step 0 is (config against the world size and the run directory, corpus size and
