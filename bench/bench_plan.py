@@ -9,7 +9,9 @@ run per point) and wsd (a trunk plus one branch per horizon) schedules side by s
 from __future__ import annotations
 
 import argparse
+import os
 import time
+import timeit
 
 from sweeper.plan import plan_sweep
 from sweeper.spec import parse_spec_text
@@ -41,18 +43,25 @@ def bench(schedule: str, seeds: int, horizons: str) -> tuple[int, float, float]:
     return len(plan.runs), t1 - t0, t2 - t1
 
 
+def reference_us() -> float:
+    """Microseconds of ``sum(range(1000))`` here and now: how busy the machine is."""
+    return min(timeit.repeat("sum(range(1000))", number=200, repeat=5)) / 200 * 1e6
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     # 2 models x 25 lr x 10 B x 200 seeds = 100,000 points
     cases = [("constant", 200, "22, 23, 24"), ("wsd", 50, "22, 23, 24")]
+    print(f"load average {os.getloadavg()[0]:.1f}; reference loop {reference_us():.1f} us")
     print(f"{'schedule':10} {'runs':>8} {'validate s':>11} {'expand s':>9} {'us/run':>7}")
     for schedule, seeds, horizons in cases:
         best = min((bench(schedule, seeds, horizons) for _ in range(args.repeat)),
                    key=lambda r: r[1] + r[2])  # fmt: skip
         n, tv, te = best
         print(f"{schedule:10} {n:8d} {tv:11.3f} {te:9.3f} {1e6 * (tv + te) / n:7.1f}")
+    print(f"reference loop after: {reference_us():.1f} us")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
 import math
@@ -25,7 +26,7 @@ _out = Console(width=None if sys.stdout.isatty() else 240)
 _err = Console(stderr=True, width=None if sys.stderr.isatty() else 240)
 
 
-# ------------------------------------------------------------------------------------------ helpers
+# ---------------------------------------------------------------------------------------- utilities
 
 
 def _results(ctx: click.Context) -> Path:
@@ -49,6 +50,8 @@ def _emit(rows: list[dict[str, Any]], fmt: str, title: str, columns: list[str]) 
         writer.writeheader()
         writer.writerows(rows)
         click.echo(buf.getvalue(), nl=False)
+    elif len(rows) > _RICH_MAX_ROWS:
+        _plain_table(rows, title, columns)
     else:
         table = Table(title=title)
         for c in columns:
@@ -56,6 +59,17 @@ def _emit(rows: list[dict[str, Any]], fmt: str, title: str, columns: list[str]) 
         for r in rows:
             table.add_row(*("" if r.get(c) is None else _cell(r.get(c)) for c in columns))
         _out.print(table)
+
+
+_RICH_MAX_ROWS = 500  # rich lays out every cell; beyond this a plain aligned table is much faster
+
+
+def _plain_table(rows: list[dict[str, Any]], title: str, columns: list[str]) -> None:
+    cells = [[_cell(r.get(c)) if r.get(c) is not None else "" for c in columns] for r in rows]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
+    lines = [title, "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    click.echo("\n".join(line.rstrip() for line in lines))
 
 
 def _cell(v: Any) -> str:
@@ -79,8 +93,31 @@ def _counts_line(counts: dict[str, int]) -> str:
 
 # ---------------------------------------------------------------------------------------- the group
 
+# Commands defined elsewhere, imported on first use (the analysis imports pandas; status must not).
+_LAZY = {
+    "analyze": "sweeper.analysis.commands:analyze",
+    "refine": "sweeper.analysis.commands:refine",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_LAZY})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in _LAZY and name not in self.commands:
+            module, attr = _LAZY[name].split(":")
+            try:
+                self.add_command(getattr(importlib.import_module(module), attr), name)
+            except (ImportError, AttributeError):
+                return None
+        return super().get_command(ctx, name)
+
+
+@click.group(
+    cls=_LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.option(
     "--results",
     type=click.Path(file_okay=False),
@@ -222,7 +259,7 @@ def launch_cmd(
         f"sweep {prep.spec.name} at {prep.store.root}: {plan_summary(prep.plan)}; "
         f"{len(prep.new_ids)} new runs" + (" (spec changed)" if prep.spec_changed else "")
     )
-    parallel = max_parallel or prep.spec.backend.max_parallel
+    parallel = _parallel(max_parallel, name, prep.spec.backend.max_parallel)
     return _run(prep.store, name, backend_obj, parallel, resume=False, diverged=False,
                 progress=not no_progress)  # fmt: skip
 
@@ -278,12 +315,17 @@ def resume_cmd(
         store,
         name,
         load_backend(name),
-        max_parallel or spec.backend.max_parallel,
+        _parallel(max_parallel, name, spec.backend.max_parallel),
         resume=True,
         diverged=diverged,
         progress=not no_progress,
         restart=restart,
     )
+
+
+def _parallel(given: int | None, backend: str, spec_value: int) -> int:
+    """Trials at once: the option, else the spec's (local) or 0 = the backend's own default."""
+    return given or (spec_value if backend == "local" else 0)
 
 
 def _run(
@@ -407,14 +449,15 @@ def cancel_cmd(ctx: click.Context, sweep: str) -> int:
     from sweeper.launch import load_sweep_spec
 
     store = resolve_sweep(ctx, sweep)
+    default = load_sweep_spec(store).backend.name
     by_backend: dict[str, list[str]] = {}
     for rid, st in store.statuses().items():
-        if st.state.is_active():
-            by_backend.setdefault(st.last_event.get("backend") or "local", []).append(rid)
+        if st.state.is_active() or st.state == RunState.STALE:
+            by_backend.setdefault(st.last_event.get("backend") or default, []).append(rid)
     if not by_backend:
         _err.print("nothing to cancel")
     for name, ids in by_backend.items():
-        backend = load_backend(name if name != "?" else load_sweep_spec(store).backend.name)
+        backend = load_backend(name)
         backend.cancel(store, ids)
         _err.print(f"cancel sent to {len(ids)} {name} runs")
     return 0
@@ -471,18 +514,6 @@ def export_cmd(ctx: click.Context, sweep: str, table: str, fmt: str, output: str
     store = resolve_sweep(ctx, sweep)
     export_table(store.root, table, fmt, Path(output) if output else None)
     return 0
-
-
-def _add_analysis_commands() -> None:
-    try:
-        from sweeper.analysis.commands import analyze, refine
-    except ImportError:
-        return
-    cli.add_command(analyze)
-    cli.add_command(refine)
-
-
-_add_analysis_commands()
 
 
 # ---------------------------------------------------------------------------------------- entry

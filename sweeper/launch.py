@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sweeper.errors import SpecError, StoreError
 from sweeper.plan import GridPoint, Plan, extra_point, plan_sweep
@@ -23,7 +22,6 @@ from sweeper.store import (
     RunState,
     SweepStore,
     hostname,
-    pid_alive,
     read_events,
     read_json,
     write_text_atomic,
@@ -188,14 +186,6 @@ def claim(store: SweepStore, run_ids: list[str], backend: str) -> None:
     """Mark runs as ``submitted`` by this process (call under ``store.lock()``)."""
     for rid in run_ids:
         store.append_event(rid, "submitted", backend=backend, host=hostname(), pid=os.getpid())
-
-
-def owner_alive(event: dict[str, Any]) -> bool | None:
-    """Whether the process that wrote ``event`` still lives: None if it ran on another host or
-    was submitted to a scheduler (then only the backend's reconcile can tell)."""
-    if event.get("host") != hostname() or "pid" not in event or event.get("job_id"):
-        return None
-    return pid_alive(int(event["pid"]))
 
 
 def restart_run(store: SweepStore, run_id: str) -> None:

@@ -20,17 +20,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
+import re
+import string
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from sweeper.spec import ModelSpec, SweepSpec, branch_step
+from sweeper.spec import SweepSpec, branch_step
 
 DEFAULT_SCALES = (1.0, 1.0, 1.0)
 
 
-@dataclass(frozen=True, slots=True)
-class GridPoint:
+class GridPoint(NamedTuple):
     """One (model, lr, B, seed, lr_scales) point of the grid or of ``extra_points.json``."""
 
     model: str
@@ -113,13 +115,6 @@ def run_id(slug: str, kind: str, train: dict[str, Any]) -> str:
     return f"{slug}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
 
-def _slug(p: GridPoint) -> str:
-    s = f"{p.model}_lr{log2_tag(p.lr)}_B{p.batch_size}_s{p.seed}"
-    if p.lr_scales != DEFAULT_SCALES:
-        s += "_ls" + "-".join(f"{v:g}" for v in p.lr_scales)
-    return s
-
-
 # ------------------------------------------------------------------------------------------- points
 
 
@@ -148,8 +143,61 @@ def _window_lrs(spec: SweepSpec, batch: int, tokens: int) -> tuple[float, ...]:
 # -------------------------------------------------------------------------------------------- plan
 
 
+_SENTINEL = re.compile(r'"\\u0000(\w+)\\u0000"')
+_LR_PATHS = ("optim.lr", "optim.lr_scale_in", "optim.lr_scale_hidden", "optim.lr_scale_out")
+_POINT_PATHS = (*_LR_PATHS, "batch_size", "seed", "horizons_tokens")
+
+
+class _Canon:
+    """Canonical ``{kind, train}`` JSON of one model's runs of one kind, as a format template.
+
+    Runs of a model differ only in a few fields (``paths``), so the rest of the sorted, compact JSON
+    is serialised once and :meth:`hash8` fills in JSON-encoded values: exactly the bytes
+    :func:`run_id` hashes with a full ``json.dumps``, at a fraction of the cost.
+    """
+
+    def __init__(self, proto: dict[str, Any], kind: str, paths: tuple[str, ...]) -> None:
+        t = json.loads(json.dumps(proto))
+        for path in paths:
+            *parents, leaf = path.split(".")
+            node = t
+            for key in parents:
+                node = node[key]
+            node[leaf] = "\0" + path.replace(".", "__") + "\0"
+        text = json.dumps({"kind": kind, "train": t}, sort_keys=True, separators=(",", ":"))
+        pieces = _SENTINEL.split(text)
+        fmt = []
+        for i, piece in enumerate(pieces):
+            fmt.append(
+                piece.replace("{", "{{").replace("}", "}}") if i % 2 == 0 else f"{{{piece}}}"
+            )
+        text = "".join(fmt)
+        # Fields before the first lr take few distinct values (batch, horizons): hash that prefix
+        # once per distinct value and continue from a copy of the hash state.
+        cut = text.index("{optim__")
+        self.prefix, self.suffix = text[:cut], text[cut:]
+        keys = [f[1] for f in string.Formatter().parse(self.prefix) if f[1]]
+        self._prefix_key = operator.itemgetter(*keys) if keys else (lambda _values: ())
+        self._states: dict[tuple[str, ...], Any] = {}
+
+    def hash8(self, values: dict[str, str]) -> str:
+        """First 8 hex digits of the sha256 of the canonical JSON (``values``: JSON texts)."""
+        key = self._prefix_key(values)
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = hashlib.sha256(self.prefix.format_map(values).encode())
+        h = state.copy()
+        h.update(self.suffix.format_map(values).encode())
+        return h.hexdigest()[:8]
+
+
+def _ints(values: list[int]) -> str:
+    return "[" + ",".join(map(str, values)) + "]"
+
+
 class _Planner:
-    """Expands points into runs; caches per-model base dicts so each run costs a few dict copies."""
+    """Expands points into runs; everything shared by a model or a (model, B) pair is computed once
+    so that a run costs a few dict copies and one hash."""
 
     def __init__(self, spec: SweepSpec) -> None:
         self.spec = spec
@@ -160,6 +208,30 @@ class _Planner:
         self.seq = {m.name: m.config.seq_len for m in spec.models}
         self.horizons = list(spec.grid.horizons_tokens)
         self.unshared_flops = 0.0
+        self.canon = {name: self._templates(base) for name, base in self.base.items()}
+        self._shared: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._slugs: dict[tuple[Any, ...], str] = {}
+        self._texts: dict[tuple[Any, ...], dict[str, str]] = {}
+        self._horizon_sum = sum(self.horizons)
+
+    @staticmethod
+    def _templates(base: dict[str, Any]) -> dict[str, _Canon]:
+        sched = base["schedule"]
+        trunk = {**base, "schedule": {**sched, "kind": "constant", "total_steps": None}}
+        branch = {
+            **base,
+            "schedule": {**sched, "kind": "wsd", "total_steps": 0},
+            "branch": {"run_dir": "", "step": 0},
+        }
+        return {
+            "single": _Canon(base, "single", _POINT_PATHS),
+            "trunk": _Canon(trunk, "trunk", (*_POINT_PATHS, "checkpoint_steps")),
+            "branch": _Canon(
+                branch,
+                "branch",
+                (*_POINT_PATHS, "schedule.total_steps", "branch.run_dir", "branch.step"),
+            ),
+        }
 
     def expand(self, p: GridPoint) -> list[PlannedRun]:
         kind = self.spec.schedule.kind
@@ -181,79 +253,99 @@ class _Planner:
         t["horizons_tokens"] = horizons
         return t
 
-    def _derived(
-        self, p: GridPoint, train: dict[str, Any], start_tokens: int = 0
-    ) -> dict[str, Any]:
-        n, n_ne = self.params[p.model]
-        tps = p.batch_size * self.seq[p.model]
-        tokens = max(train["horizons_tokens"])
-        trained = tokens - start_tokens
+    def _values(self, p: GridPoint, hashed_horizons: list[int]) -> dict[str, str]:
+        """JSON texts of the point's fields, for :meth:`_Canon.hash8`."""
+        key = (p.lr, p.lr_scales, p.batch_size, tuple(hashed_horizons))
+        common = self._texts.get(key)
+        if common is None:
+            s_in, s_hidden, s_out = p.lr_scales
+            common = self._texts[key] = {
+                "optim__lr": repr(p.lr),
+                "optim__lr_scale_in": repr(s_in),
+                "optim__lr_scale_hidden": repr(s_hidden),
+                "optim__lr_scale_out": repr(s_out),
+                "batch_size": str(p.batch_size),
+                "horizons_tokens": _ints(hashed_horizons),
+            }
+        return {**common, "seed": str(p.seed)}
+
+    def _shared_derived(self, p: GridPoint, horizons: list[int], start: int) -> dict[str, Any]:
+        key = (p.model, p.batch_size, tuple(horizons), start)
+        shared = self._shared.get(key)
+        if shared is None:
+            n, n_ne = self.params[p.model]
+            tps = p.batch_size * self.seq[p.model]
+            tokens = max(horizons)
+            shared = self._shared[key] = {
+                "tokens_per_step": tps,
+                "steps": tokens // tps,
+                "tokens": tokens,
+                "trained_tokens": tokens - start,
+                "horizons_tokens": list(horizons),
+                "horizon_steps": [d // tps for d in horizons],
+                "params": n,
+                "params_non_embedding": n_ne,
+                "flops": 6.0 * n * (tokens - start),
+            }
+        return shared
+
+    def _derived(self, p: GridPoint, horizons: list[int], start_tokens: int = 0) -> dict[str, Any]:
         return {
             "lr": p.lr,
             "batch_size": p.batch_size,
             "seed": p.seed,
             "lr_scales": list(p.lr_scales),
-            "tokens_per_step": tps,
-            "steps": tokens // tps,
-            "tokens": tokens,
-            "trained_tokens": trained,
-            "horizons_tokens": list(train["horizons_tokens"]),
-            "horizon_steps": [d // tps for d in train["horizons_tokens"]],
-            "params": n,
-            "params_non_embedding": n_ne,
-            "flops": 6.0 * n * trained,
+            **self._shared_derived(p, horizons, start_tokens),
         }
+
+    def _slug(self, p: GridPoint) -> str:
+        key = (p.model, p.lr, p.batch_size)
+        prefix = self._slugs.get(key)
+        if prefix is None:
+            prefix = self._slugs[key] = f"{p.model}_lr{log2_tag(p.lr)}_B{p.batch_size}"
+        s = f"{prefix}_s{p.seed}"
+        if p.lr_scales != DEFAULT_SCALES:
+            s += "_ls" + "-".join(f"{v:g}" for v in p.lr_scales)
+        return s
 
     def _single(self, p: GridPoint, horizons: list[int], suffix: str) -> PlannedRun:
         train = self._train(p, horizons)
-        slug = _slug(p) + suffix
+        slug = self._slug(p) + suffix
         # Only the largest horizon enters the id: adding a smaller horizon keeps a finished run.
-        rid = run_id(slug, "single", {**train, "horizons_tokens": [max(horizons)]})
-        derived = self._derived(p, train)
-        n = derived["params"]
-        self.unshared_flops += sum(6.0 * n * d for d in horizons)
+        rid = f"{slug}-{self.canon[p.model]['single'].hash8(self._values(p, horizons[-1:]))}"
+        derived = self._derived(p, horizons)
+        d_sum = self._horizon_sum if horizons is self.horizons else sum(horizons)
+        self.unshared_flops += 6.0 * derived["params"] * d_sum
         return PlannedRun(rid, slug, "single", None, p.model, train, derived, p.source)
 
     def _wsd(self, p: GridPoint) -> list[PlannedRun]:
         sched = self.base[p.model]["schedule"]
+        canon = self.canon[p.model]
         tps = p.batch_size * self.seq[p.model]
         points = {d: branch_step(d // tps, sched["decay_fraction"]) for d in self.horizons}
         trunk_steps = sorted(set(points.values()))
         trunk = self._train(p, [s * tps for s in trunk_steps])
         trunk["schedule"] = {**sched, "kind": "constant", "total_steps": None}
         trunk["checkpoint_steps"] = trunk_steps
-        slug = _slug(p)
-        tid = run_id(slug + "_trunk", "trunk", trunk)
-        runs = [
-            PlannedRun(
-                tid,
-                slug + "_trunk",
-                "trunk",
-                None,
-                p.model,
-                trunk,
-                self._derived(p, trunk),
-                p.source,
-            )
-        ]
-        n = runs[0].derived["params"]
+        slug = self._slug(p)
+        values = self._values(p, trunk["horizons_tokens"])
+        values["checkpoint_steps"] = _ints(trunk_steps)
+        tid = f"{slug}_trunk-{canon['trunk'].hash8(values)}"
+        derived = self._derived(p, trunk["horizons_tokens"])
+        runs = [PlannedRun(tid, slug + "_trunk", "trunk", None, p.model, trunk, derived, p.source)]
+        n = derived["params"]
         for d in self.horizons:
             train = self._train(p, [d])
             train["schedule"] = {**sched, "kind": "wsd", "total_steps": d // tps}
             train["branch"] = {"run_dir": f"runs/{tid}", "step": points[d]}
             bslug = f"{slug}_D{tokens_tag(d)}"
-            runs.append(
-                PlannedRun(
-                    run_id(bslug, "branch", train),
-                    bslug,
-                    "branch",
-                    tid,
-                    p.model,
-                    train,
-                    self._derived(p, train, points[d] * tps),
-                    p.source,
-                )
-            )
+            values = self._values(p, [d])
+            values["schedule__total_steps"] = str(d // tps)
+            values["branch__run_dir"] = json.dumps(f"runs/{tid}")
+            values["branch__step"] = str(points[d])
+            bid = f"{bslug}-{canon['branch'].hash8(values)}"
+            derived = self._derived(p, [d], points[d] * tps)
+            runs.append(PlannedRun(bid, bslug, "branch", tid, p.model, train, derived, p.source))
             self.unshared_flops += 6.0 * n * d
         return runs
 
@@ -303,7 +395,10 @@ def extra_point(raw: Any, spec: SweepSpec, where: str) -> GridPoint:
     unknown = set(raw) - {"model", "lr", "batch_size", "seed", "lr_scales", "source"}
     if unknown:
         raise SpecError(where, sorted(unknown)[0], raw[sorted(unknown)[0]], "unknown key")
-    model: ModelSpec = spec.model(raw.get("model"))  # type: ignore[arg-type]
+    model = next((m for m in spec.models if m.name == raw.get("model")), None)
+    if model is None:
+        known = spec.model_names()
+        raise SpecError(where, "model", raw.get("model"), f"unknown model (known: {known})")
     lr = raw.get("lr")
     if (
         isinstance(lr, bool)

@@ -148,7 +148,7 @@ def read_events(run_dir: Path) -> list[dict[str, Any]]:
     never fails on a half-written file.
     """
     try:
-        with open(Path(run_dir) / EVENTS, "rb") as f:
+        with open(os.path.join(run_dir, EVENTS), "rb") as f:
             data = f.read()
     except FileNotFoundError:
         return []
@@ -158,7 +158,7 @@ def read_events(run_dir: Path) -> list[dict[str, Any]]:
             ev = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue
-        if isinstance(ev, dict) and isinstance(ev.get("state"), str):
+        if type(ev) is dict and type(ev.get("state")) is str:
             events.append(ev)
     return events
 
@@ -246,7 +246,7 @@ def derive_state(
 def heartbeat_mtime(run_dir: Path) -> float | None:
     """mtime of the run's heartbeat file, None if there is none."""
     try:
-        return os.stat(Path(run_dir) / HEARTBEAT).st_mtime
+        return os.stat(os.path.join(run_dir, HEARTBEAT)).st_mtime
     except FileNotFoundError:
         return None
 
@@ -296,8 +296,11 @@ class SweepStore:
             names = os.listdir(self.runs_dir)
         except FileNotFoundError:
             return []
+        base = str(self.runs_dir)
         return sorted(
-            n for n in names if _RUN_ID.fullmatch(n) and (self.runs_dir / n / RECORD).is_file()
+            n
+            for n in names
+            if _RUN_ID.fullmatch(n) and os.path.isfile(os.path.join(base, n, RECORD))
         )
 
     @property
@@ -357,7 +360,7 @@ class SweepStore:
         rd = self.run_dir(run_id)
         return self._status(run_id, rd, time.time() if now is None else now)
 
-    def _status(self, run_id: str, rd: Path, now: float) -> RunStatus:
+    def _status(self, run_id: str, rd: str | Path, now: float) -> RunStatus:
         events = read_events(rd)
         beat = heartbeat_mtime(rd) if events and events[-1]["state"] == "running" else None
         state = RunState(derive_state(events, beat, now, self.stale_after_s))
@@ -374,7 +377,8 @@ class SweepStore:
         """Status of every run (or of ``run_ids``), keyed by id, in id order."""
         now = time.time()
         ids = self.run_ids() if run_ids is None else run_ids
-        return {rid: self._status(rid, self.runs_dir / check_run_id(rid), now) for rid in ids}
+        base = str(self.runs_dir)
+        return {rid: self._status(rid, os.path.join(base, check_run_id(rid)), now) for rid in ids}
 
     # ---- locking
     @contextlib.contextmanager

@@ -17,6 +17,7 @@ import pytest
 
 from sweeper.backends import LaunchOptions
 from sweeper.backends.local import LocalBackend
+from sweeper.errors import SpecError
 from sweeper.launch import claim, prepare_sweep, select_runs
 from sweeper.store import SweepStore, pid_alive, read_events
 from sweeper.worker import run_trial
@@ -430,3 +431,20 @@ def test_cancel_command_stops_running_runs(tmp_path: Path) -> None:
     assert cancel.returncode == 0, cancel.stderr
     proc.communicate(timeout=60)
     assert set(states(store).values()) == {"cancelled"}
+
+
+def test_replan_adds_extra_points_once(sweep: SweepStore) -> None:
+    from sweeper.launch import replan
+
+    before = set(sweep.run_ids())
+    points = [{"model": "test-micro", "lr": 0.03125, "batch_size": 8, "source": "refine"}]
+    (sweep.root / "extra_points.json").write_text(json.dumps(points))
+    new = replan(sweep.root)
+    assert len(new) == 1 and set(sweep.run_ids()) == before | set(new)
+    rec = sweep.load_record(new[0])
+    assert rec["source"] == "refine" and rec["derived"]["horizons_tokens"] == [1024, 2048]
+    assert new[0] in json.loads((sweep.root / "plan.json").read_text())["runs"]
+    assert replan(sweep.root) == []  # idempotent
+    (sweep.root / "extra_points.json").write_text(json.dumps([{"model": "nope", "lr": 1}]))
+    with pytest.raises(SpecError, match="extra_points.json"):
+        replan(sweep.root)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sweeper.errors import SpecError
-from sweeper.plan import GridPoint, extra_point, log2_tag, plan_sweep
+from sweeper.plan import GridPoint, extra_point, log2_tag, plan_sweep, run_id
 from sweeper.spec import SweepSpec, branch_step, parse_spec_text
 from trainer.config import TrainConfig
 
@@ -133,6 +133,11 @@ def test_every_planned_config_is_a_valid_train_config() -> None:
             cfg = TrainConfig.from_dict(r.train)
             assert cfg.to_dict() == r.train  # canonical, resolved: what the id hashes
             assert r.derived["steps"] == cfg.total_steps
+            # the fast templated hash is exactly the hash of the full canonical JSON
+            hashed = dict(r.train)
+            if r.kind == "single":
+                hashed["horizons_tokens"] = r.train["horizons_tokens"][-1:]
+            assert r.id == run_id(r.slug, r.kind, hashed)
             assert r.derived["flops"] == pytest.approx(
                 6 * cfg.model.n_params() * r.derived["trained_tokens"]
             )
@@ -167,3 +172,23 @@ def test_extra_points_are_validated_and_merged() -> None:
     ]:
         with pytest.raises(SpecError, match=key):
             extra_point(bad, spec, "x.json")
+
+
+def test_fast_ids_match_full_json_for_awkward_values() -> None:
+    text = """
+name = "odd"
+[[models]]
+preset = "test-micro"
+[grid]
+lr = [1e-05, 0.30000000000000004, 3e-7, 123.456]
+batch_size = [2]
+horizons_tokens = [96, 192]
+seeds = [0, 123456789]
+lr_scales = [[1e-3, 0.125, 7]]
+[schedule]
+kind = "wsd"
+decay_fraction = 0.3
+"""
+    plan = plan_sweep(parse_spec_text(text, "odd.toml"))
+    for r in plan.runs:
+        assert r.id == run_id(r.slug, r.kind, r.train)

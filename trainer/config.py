@@ -15,6 +15,7 @@ momentum, the paper's main setting).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -412,14 +413,19 @@ def _to_jsonable(obj: Any) -> Any:
     return obj
 
 
+@functools.cache
+def _fields(cls: type) -> tuple[dict[str, Any], frozenset[str]]:
+    # get_type_hints re-evaluates every annotation string: ~1 ms per call, too slow per run.
+    return typing.get_type_hints(cls), frozenset(f.name for f in dataclasses.fields(cls))
+
+
 def _build(cls: type, raw: Any, where: str) -> Any:
     """Instantiate dataclass ``cls`` from a dict, checking keys and value types recursively."""
     if isinstance(raw, cls):
         return raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'config'}: expected a table, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    hints, names = _fields(cls)
     unknown = sorted(set(raw) - names)
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
