@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import tempfile
 import time
@@ -173,6 +174,17 @@ def parse_arrow_concat(paths: list[str]) -> int:
     return pj.read_json(pa.BufferReader(b"".join(chunks))).num_rows
 
 
+def parse_collect(paths: list[str]) -> int:
+    """What collect does: the concatenation with an explicit schema, per-file fallback on errors."""
+    from sweeper.collect import parse_metrics
+
+    chunks = []
+    for p in paths:
+        with open(p, "rb") as f:
+            chunks.append(f.read())
+    return parse_metrics(chunks)[0].num_rows
+
+
 def parse_pool(paths: list[str]) -> int:
     """json.loads per line in a pool of 2 processes."""
     half = len(paths) // 2
@@ -180,20 +192,35 @@ def parse_pool(paths: list[str]) -> int:
         return sum(pool.map(_parse_json_many, [paths[:half], paths[half:]]))
 
 
-def _time(fn: Callable[[], object]) -> tuple[float, object]:
-    t = time.perf_counter()
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children (all threads)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _time(fn: Callable[[], object]) -> tuple[float, float, object]:
+    """Wall and CPU seconds of ``fn()``; on a shared machine the CPU time is the steadier figure."""
+    t, c = time.perf_counter(), _cpu()
     out = fn()
-    return time.perf_counter() - t, out
+    return time.perf_counter() - t, _cpu() - c, out
 
 
 def bench_parsers(sweep_dir: Path) -> None:
     paths = sorted(str(p) for p in (sweep_dir / "runs").glob("*/metrics.jsonl"))
     base = None
     print(f"parse {len(paths)} metrics.jsonl files:")
-    for fn in (parse_json, parse_arrow_per_file, parse_arrow_concat, parse_pool):
-        dt, n = _time(lambda fn=fn: fn(paths))
+    for fn in (parse_json, parse_arrow_per_file, parse_arrow_concat, parse_collect, parse_pool):
+        dt, cpu, n = _time(lambda fn=fn: fn(paths))
         base = base or dt
-        print(f"  {fn.__name__:22s} {dt:7.3f} s  ({n} lines, {base / dt:5.2f}x vs json)")
+        print(
+            f"  {fn.__name__:22s} wall {dt:7.3f} s ({base / dt:5.2f}x vs json)  cpu {cpu:7.3f} s"
+            f"  ({n} lines)"
+        )
+
+
+def _report(label: str, dt: float, cpu: float, result: object) -> None:
+    print(f"{label:24s} wall {dt:7.3f} s  cpu {cpu:7.3f} s  ({result})")
 
 
 def bench_collect(sweep_dir: Path) -> None:
@@ -203,17 +230,12 @@ def bench_collect(sweep_dir: Path) -> None:
     for name in ("runs", "horizons", "metrics"):
         (sweep_dir / f"{name}.parquet").unlink(missing_ok=True)
 
-    dt1, r1 = _time(lambda: collect_sweep(sweep_dir))
-    print(f"first collect:           {dt1:7.3f} s  ({r1.summary()})")
-    dt2, r2 = _time(lambda: collect_sweep(sweep_dir))
-    print(f"second, nothing changed: {dt2:7.3f} s  ({r2.summary()})")
+    _report("first collect:", *_time(lambda: collect_sweep(sweep_dir)))
+    _report("second, nothing changed:", *_time(lambda: collect_sweep(sweep_dir)))
     for p in sorted((sweep_dir / "runs").iterdir())[:10]:
-        with open(p / "metrics.jsonl", "a") as f:
-            f.write("")
         os.utime(p / "metrics.jsonl")
         os.utime(p / "summary.json", ns=(time.time_ns(), time.time_ns() + 1))
-    dt3, r3 = _time(lambda: collect_sweep(sweep_dir))
-    print(f"after touching 10 runs:  {dt3:7.3f} s  ({r3.summary()})")
+    _report("after touching 10 runs:", *_time(lambda: collect_sweep(sweep_dir)))
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
@@ -233,7 +255,7 @@ def main() -> None:
     print(f"import pandas (once per process): {time.perf_counter() - t0:.2f} s")
     try:
         if not (sweep_dir / "runs").is_dir():
-            dt, _ = _time(lambda: make_sweep(sweep_dir, args.runs))
+            dt, _, _ = _time(lambda: make_sweep(sweep_dir, args.runs))
             print(f"generated {args.runs} runs in {dt:.1f} s")
         if not args.skip_parsers:
             bench_parsers(sweep_dir)

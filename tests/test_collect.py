@@ -27,7 +27,7 @@ from trainer.config import SCHEMA_VERSION, TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
-# -------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------ fixtures
 
 TRAIN: dict[str, Any] = {
     "model": {"preset": "test-micro"},
@@ -421,12 +421,15 @@ def test_plan_run_without_directory_and_not_a_sweep(tmp_path: Path) -> None:
 def test_parse_metrics_isolates_bad_files() -> None:
     good = b"".join(json.dumps(x).encode() + b"\n" for x in default_lines())
     typed = good.replace(b'"train_loss": 5.0', b'"train_loss": "five"')
-    chunks = [good] * 5 + [b"[1, 2]\n" + good] + [good] * 4 + [typed, b"", good + b'{"step": 2']
+    blank = good.replace(b"\n", b"\n\n  \n", 2)
+    chunks = (
+        [good] * 5 + [b"[1, 2]\n" + good] + [good] * 3 + [blank, typed, b"", good + b'{"step": 2']
+    )
     wide, notes = parse_metrics(chunks)
     runs = wide.column("_run").to_numpy()
     assert [int((runs == i).sum()) for i in range(len(chunks))] == [5] * 5 + [5] * 5 + [4, 0, 5]
     assert notes[5] == "1 invalid line(s) skipped (line 1)" and notes[10].endswith("(line 1)")
-    assert notes[12] == "torn last line ignored" and notes[:5] == [""] * 5
+    assert notes[12] == "torn last line ignored" and notes[:5] == [""] * 5 and notes[9] == ""
     assert wide.schema.field("step").type == pa.int64()
 
 
@@ -534,3 +537,70 @@ def test_result_summary_line(tmp_path: Path) -> None:
     line = str(collect_sweep(sweep))
     assert line.startswith("2 runs (2 read, 0 cached; 2 completed); 0 with errors; tables written")
     assert "\n" not in line and not math.isnan(collect_sweep(sweep).elapsed_s)
+
+
+def test_unwritable_table_is_a_one_line_error(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path, n=1)
+    tables.table_path(sweep, "horizons").mkdir()  # something that cannot be replaced by a file
+    with pytest.raises(CollectError, match=r"horizons\.parquet: cannot write the collected tables"):
+        collect_sweep(sweep)
+    tables.table_path(sweep, "horizons").rmdir()
+    assert collect_sweep(sweep).written  # the next collect publishes it
+    assert len(tables.read_sweep_table(sweep, "horizons")) == 2
+
+
+def _reference_horizons(rd: Path, cfg: TrainConfig) -> list[tuple[int, float, float, int]]:
+    """Straightforward per-run computation of (tokens, smoothed loss, std, points) to check the
+    vectorised one against."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in (rd / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        by_step[row["step"]] = row  # the last line of a step wins
+    out = []
+    for d in sorted(cfg.horizons_tokens):
+        h = d // cfg.tokens_per_step
+        if h not in by_step:
+            continue
+        window = [
+            r["train_loss"]
+            for s, r in by_step.items()
+            if abs(s - h) <= cfg.log_every and r.get("train_loss") is not None
+        ]
+        out.append((d, float(np.mean(window)), float(np.std(window)), len(window)))
+    return out
+
+
+def test_vectorised_smoothing_matches_a_per_run_reference(tmp_path: Path) -> None:
+    """Random runs side by side (different log intervals, horizons, gaps, repeated steps, missing
+    losses): no window may leak into a neighbouring run."""
+    rng = np.random.default_rng(0)
+    sweep = make_sweep(tmp_path, n=0)
+    configs = {}
+    for i in range(25):
+        log_every = int(rng.integers(1, 6))
+        horizons = sorted({64 * int(h) for h in rng.integers(1, 40, size=3)})
+        train = {**TRAIN, "log_every": log_every, "horizons_tokens": horizons}
+        cfg = TrainConfig.from_dict(train)
+        steps = sorted(set(range(0, cfg.total_steps + 1, log_every)) | set(cfg.horizon_steps))
+        steps = [s for s in steps if rng.random() > 0.15 or s in cfg.horizon_steps]
+        lines = [metric_line(s, float(rng.normal(4, 1)), s in cfg.horizon_steps) for s in steps]
+        for line in lines:
+            if rng.random() < 0.1:
+                line["train_loss"] = None
+        lines += [metric_line(int(s), float(rng.normal(4, 1))) for s in rng.choice(steps, size=2)]
+        rid = f"r{i:02d}"
+        write_run(sweep, rid, train=train, lines=lines)
+        configs[rid] = cfg
+    collect_sweep(sweep)
+    hz = tables.read_sweep_table(sweep, "horizons").to_pylist()
+    got: dict[str, list[tuple[int, float, float, int]]] = {}
+    for h in hz:
+        got.setdefault(h["run_id"], []).append(
+            (h["tokens"], h["train_loss_smoothed"], h["train_loss_std"], h["smoothing_points"])
+        )
+    for rid, cfg in configs.items():
+        want = _reference_horizons(sweep / "runs" / rid, cfg)
+        assert len(got.get(rid, [])) == len(want), rid
+        for g, w in zip(got.get(rid, []), want, strict=True):
+            assert g[0] == w[0] and g[3] == w[3], rid
+            assert g[1] == pytest.approx(w[1]) and g[2] == pytest.approx(w[2], abs=1e-12), rid
