@@ -465,18 +465,22 @@ def cancel_cmd(ctx: click.Context, sweep: str) -> int:
 
 @cli.command("collect")
 @click.argument("sweep")
+@click.option("--full", is_flag=True, help="Re-read every run, ignoring the incremental cache.")
 @click.pass_context
-def collect_cmd(ctx: click.Context, sweep: str) -> int:
+def collect_cmd(ctx: click.Context, sweep: str, full: bool) -> int:
     """Read every run's files into runs/horizons/metrics Parquet tables in the sweep directory.
+
+    Incremental: only runs whose files changed since the last collect are read again.
 
     \b
     Example:
       sweeper collect demo
+      sweeper collect demo --full
     """
     from sweeper.collect import collect_sweep
 
     store = resolve_sweep(ctx, sweep)
-    result = collect_sweep(store.root)
+    result = collect_sweep(store.root, full=full)
     if result is not None:
         _err.print(str(result))
     return 0
