@@ -86,23 +86,52 @@ def main() -> None:
                 run["ns"].append(timer.seconds - ns_before)
 
     tokens = args.batch * cfg.seq_len
-    med = {n: {k: statistics.median(r[k]) for k in ("step", "opt_step", "ns")} for n, r in runs.items()}
+    med = {
+        n: {k: statistics.median(r[k]) for k in ("step", "opt_step", "ns")} for n, r in runs.items()
+    }
     print(
         f"cpu-proxy (d={cfg.d_model}, L={cfg.n_layers}, mlp={cfg.mlp_hidden}, seq={cfg.seq_len}), "
         f"batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"{platform.machine()}; medians of {args.reps} interleaved steps"
     )
-    print(f"{'optimizer':<10}{'step ms':>10}{'tokens/s':>11}{'opt ms':>9}{'NS ms':>8}{'NS share':>10}")
+    print(
+        f"{'optimizer':<10}{'step ms':>10}{'tokens/s':>11}{'fwd+bwd ms':>12}{'opt ms':>9}"
+        f"{'NS ms':>8}{'NS share':>10}"
+    )
     for name, m in med.items():
         share = f"{m['ns'] / m['step']:.1%}" if m["ns"] else "-"
+        fwd_bwd = statistics.median(
+            t - o for t, o in zip(runs[name]["step"], runs[name]["opt_step"], strict=True)
+        )
         print(
-            f"{name:<10}{1e3 * m['step']:>10.1f}{tokens / m['step']:>11.0f}"
+            f"{name:<10}{1e3 * m['step']:>10.1f}{tokens / m['step']:>11.0f}{1e3 * fwd_bwd:>12.1f}"
             f"{1e3 * m['opt_step']:>9.1f}{1e3 * m['ns']:>8.1f}{share:>10}"
         )
     ratios = [s / a for s, a in zip(runs["scion"]["step"], runs["adamw"]["step"], strict=True)]
     print(
         f"Scion step / AdamW step: {med['scion']['step'] / med['adamw']['step']:.3f} "
         f"(ratio of medians); median of per-rep ratios {statistics.median(ratios):.3f}"
+    )
+    _compare_ns_forms(cfg.d_model, cfg.mlp_hidden, 3 * cfg.n_layers, args.reps)
+
+
+def _compare_ns_forms(rows: int, cols: int, count: int, reps: int) -> None:
+    """Plain vs Gram-form Newton-Schulz on the model's batch of wide SwiGLU matrices (fp32)."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(count, rows, cols, generator=gen)
+    X /= torch.linalg.matrix_norm(X, keepdim=True)
+    schedule = optim._coefficient_schedule("muon", 5)
+    times: dict[str, list[float]] = {"plain": [], "gram": []}
+    forms = {"plain": optim._newton_schulz_plain, "gram": optim._newton_schulz_gram}
+    for _ in range(reps):
+        for name, fn in forms.items():
+            t0 = time.perf_counter()
+            fn(X, schedule)
+            times[name].append(time.perf_counter() - t0)
+    plain, gram = (statistics.median(times[k]) for k in ("plain", "gram"))
+    print(
+        f"NS5 on {count} x {rows}x{cols} fp32: plain {1e3 * plain:.1f} ms, Gram form "
+        f"{1e3 * gram:.1f} ms (ratio {gram / plain:.2f})"
     )
 
 

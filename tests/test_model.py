@@ -85,6 +85,7 @@ def test_final_norm_makes_logits_linear_in_output_weight() -> None:
 
 def test_rope_scores_depend_only_on_relative_position() -> None:
     cos, sin = rope_tables(32, 8, 10000.0)
+    assert cos.shape == (32, 4)
     q, k = torch.randn(8), torch.randn(8)
 
     def score(m: int, n: int) -> torch.Tensor:
@@ -94,6 +95,9 @@ def test_rope_scores_depend_only_on_relative_position() -> None:
 
     torch.testing.assert_close(score(5, 2), score(20, 17), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(score(5, 2), score(5, 4))
+    torch.testing.assert_close(score(3, 3), (q * k).sum())  # rotation keeps lengths
+    x = torch.randn(2, 32, 3, 8)
+    torch.testing.assert_close(_apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1))
 
 
 def test_init_norms_follow_scion() -> None:

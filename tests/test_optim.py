@@ -66,7 +66,7 @@ def _iterated_polynomial(
     return x
 
 
-@pytest.mark.parametrize("shape", [(32, 48), (48, 32), (64, 64)])
+@pytest.mark.parametrize("shape", [(32, 48), (48, 32), (64, 64), (24, 96), (96, 24)])
 @pytest.mark.parametrize("coefficients", ["muon", "tuned"])
 def test_newton_schulz_keeps_singular_vectors_and_maps_singular_values(
     shape: tuple[int, int], coefficients: str
@@ -82,6 +82,21 @@ def test_newton_schulz_keeps_singular_vectors_and_maps_singular_values(
     schedule = [MUON_COEFFICIENTS] * 5 if coefficients == "muon" else list(TUNED_COEFFICIENTS)
     expected = _iterated_polynomial(S / torch.linalg.norm(G), schedule)
     torch.testing.assert_close(torch.diagonal(D), expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("coefficients", ["muon", "tuned"])
+def test_gram_form_equals_plain_iteration(coefficients: str) -> None:
+    """The flop-saving Gram form (used for wide fp32 matrices) is the same polynomial of X_0."""
+    torch.manual_seed(0)
+    G = torch.randn(3, 32, 80, dtype=torch.float64)
+    X = G / torch.linalg.matrix_norm(G, keepdim=True)
+    schedule = optim._coefficient_schedule(coefficients, 5)
+    plain, gram = optim._newton_schulz_plain(X, schedule), optim._newton_schulz_gram(X, schedule)
+    torch.testing.assert_close(gram, plain, rtol=1e-10, atol=1e-10)
+    X32 = X.float()
+    torch.testing.assert_close(
+        optim._newton_schulz_gram(X32, schedule), plain.float(), rtol=0, atol=2e-5
+    )
 
 
 def test_newton_schulz_singular_value_bands() -> None:
@@ -167,6 +182,20 @@ def test_scion_update_norms_per_layer() -> None:
     assert norms["out"] == pytest.approx(lr, rel=1e-5)
     assert norms["in"] == pytest.approx(one_to_rms_embedding(delta["tok_embeddings.weight"]))
     assert norms["hidden"] == pytest.approx(rms_to_rms(delta[w2]), rel=1e-4)
+
+
+def test_scion_step_on_gqa_model_mixed_shapes() -> None:
+    """GQA gives 64x64, 32x64 (wk, wv), 176x64 and 64x176 matrices, each with a spectral LMO."""
+    cfg = model_from_preset("cpu-tiny", n_heads=4, n_kv_heads=2)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    before = _params(model)
+    opt = build_optimizer(model, OptimConfig(lr=0.01), "cpu")
+    _loss(model, _batch()).backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        if n not in ("output.weight", "tok_embeddings.weight"):
+            assert 0.009 < rms_to_rms(p.detach() - before[n]) < 0.01 * 1.2024, n
 
 
 def test_scion_sign_output_entries() -> None:
