@@ -1,6 +1,6 @@
 """Ray backend through Ray Tune: each run is a Tune trial calling :func:`sweeper.worker.run_trial`.
 
-``launch`` starts a driver process (``python -m sweeper.backends.ray``) in its own session, records
+``launch`` starts a detached driver process (``python -m sweeper.backends.ray``), records
 ``submitted`` (with the driver's pid) and returns; the driver connects to a running cluster
 (``backend.ray_address``, or ``ray_address`` in the launch options) or starts a local one, and runs
 one Tune experiment over the runs:
@@ -37,6 +37,7 @@ NAME = "ray"
 RAY_DIR = "ray"  # <sweep>/ray: launch files, driver logs, Tune's experiment directories
 LOCK_WAIT_S = 120.0  # a retry waits this long for a killed attempt's trainer to checkpoint and exit
 _LAUNCH_FILE_WAIT_S = 120.0
+_FORWARDED_ENV = ("SWEEPER_", "TRAINER_")
 
 
 class TrialFailed(RuntimeError):
@@ -101,6 +102,8 @@ def run_experiment(
         tune_config=tune.TuneConfig(
             max_concurrent_trials=settings["max_concurrent"] or None,
             trial_name_creator=lambda t: t.config["run_id"],
+            # a fresh worker process per trial costs seconds (imports); the trials are stateless
+            reuse_actors=True,
             trial_dirname_creator=lambda t: f"{t.trial_id}",
         ),
         run_config=tune.RunConfig(
@@ -126,7 +129,13 @@ def drive(sweep_dir: str, launch_file: str) -> int:
     launch = read_json(path)
     import ray
 
-    ray.init(address=launch["address"] or None, log_to_driver=False)
+    # Workers are started by the cluster, not by this process: pass on the settings meant for them.
+    env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV)}
+    ray.init(
+        address=launch["address"] or None,
+        log_to_driver=False,
+        runtime_env={"env_vars": env} if env else None,
+    )
     try:
         first, branches = _split(store, launch["runs"])
         if first:
@@ -243,15 +252,21 @@ class RayBackend:
 
     # ---- reconcile
     def reconcile(self, store: SweepStore) -> None:
-        """Record runs whose driver or worker process on this host is gone as ``cancelled``."""
+        """Record the unfinished runs of a driver that died on this host as ``cancelled``.
+
+        While the driver lives it owns its runs (Tune retries a trial whose worker died), so only
+        a dead driver's runs change state here.
+        """
         here = hostname()
         for rid, st in store.statuses().items():
             ev = st.last_event
-            if ev.get("backend") != NAME or not st.state.is_active() and st.state != RunState.STALE:
+            if ev.get("backend") != NAME or not (
+                st.state.is_active() or st.state == RunState.STALE
+            ):
                 continue
-            if ev.get("host") != here or "pid" not in ev or pid_alive(int(ev["pid"])):
+            driver = _driver_event(store.events(rid))
+            if driver is None or driver.get("host") != here or process_alive(int(driver["pid"])):
                 continue
-            who = "driver" if ev["state"] == RunState.SUBMITTED.value else "worker"
             append_if_unchanged(
                 store,
                 rid,
@@ -259,7 +274,7 @@ class RayBackend:
                 expect=ev,
                 backend=NAME,
                 job_id=ev.get("job_id"),
-                reason=f"ray {who} (pid {ev['pid']}) exited",
+                reason=f"ray driver (pid {driver['pid']}) exited",
             )
 
     # ---- cancel
@@ -288,6 +303,26 @@ class RayBackend:
                 continue
             with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
                 os.kill(int(pid_file.read_text()), signal.SIGTERM)
+
+
+def process_alive(pid: int) -> bool:
+    """True if ``pid`` runs on this host; a zombie (dead, not yet reaped by whoever adopted the
+    detached driver) counts as dead."""
+    if not pid_alive(pid):
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs: trust the signal probe
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _driver_event(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The ``submitted`` event of the launch that owns the run (it carries the driver's pid)."""
+    for ev in reversed(events):
+        if ev["state"] == RunState.SUBMITTED.value:
+            return ev if ev.get("backend") == NAME and "pid" in ev else None
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -220,6 +220,19 @@ def max_array_size() -> int:
     return int(match.group(1)) if match else 1001
 
 
+def check_partitions(store: SweepStore, records: Any) -> None:
+    """BackendError naming the spec key and value if a run asks for a partition SLURM lacks."""
+    wanted = {(r.get("resources") or {}).get("partition") for r in records} - {None, ""}
+    if not wanted:
+        return
+    known = {p.rstrip("*") for p in _run(["sinfo", "-h", "-o", "%P"]).split()}
+    for name in sorted(wanted - known):
+        raise BackendError(
+            f"{store.root / 'spec.toml'}: resources.partition = {name!r}: no such "
+            f"partition on this cluster (known: {', '.join(sorted(known))})"
+        )
+
+
 def scontrol_job_state(job_id: str) -> str | None:
     """``JobState`` of one job from slurmctld (None if it is not known there any more)."""
     with contextlib.suppress(BackendError):
@@ -269,7 +282,7 @@ def accounting(job_ids: set[str]) -> dict[str, dict[str, str]]:
     return info
 
 
-# ----------------------------------------------------------------------------------- store helpers
+# ------------------------------------------------------------------------------- store utilities
 
 
 @contextlib.contextmanager
@@ -398,6 +411,7 @@ class SlurmBackend:
         if opts.dry_run:
             self._print_plan(store, runs, records)
             return
+        check_partitions(store, records.values())
         limit = self._max_array_size or max_array_size()
         submitted: dict[str, str] = {}  # run id -> job id, for branches waiting on trunks
         for dependency, group in self._groups(store, runs, records, submitted):

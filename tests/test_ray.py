@@ -1,0 +1,322 @@
+"""The Ray backend against a real local Ray cluster (``ray start --head --block``, stopped by PID).
+
+Runs are tiny (``test-micro``, synthetic data, one thread); what takes time is Ray's own start-up.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from sweeper.store import SweepStore
+
+pytest.importorskip("ray.tune", reason="ray[tune] is not installed")
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A single-node Ray cluster with 2 CPUs; yields the environment that points at it."""
+    cache = tmp_path_factory.mktemp("corpus-cache")
+    # Ray's socket paths must stay short: its temp directory goes under a short one.
+    ray_tmp = tempfile.mkdtemp(prefix="ray")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_ADDRESS": f"127.0.0.1:{port}",
+        "TRAINER_CACHE": str(cache),
+        "PYTHONPATH": str(REPO),
+        "SWEEPER_HEARTBEAT_S": "1",
+    }
+    log = tmp_path_factory.mktemp("ray-head") / "head.log"
+    with open(log, "wb") as out:
+        head = subprocess.Popen(
+            [
+                str(BIN / "ray"),
+                "start",
+                "--head",
+                "--block",
+                f"--port={port}",
+                "--num-cpus=2",
+                "--node-ip-address=127.0.0.1",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+                f"--temp-dir={ray_tmp}",
+            ],
+            env={k: v for k, v in env.items() if k != "RAY_ADDRESS"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in log.read_text(errors="replace"):
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start failed:\n{log.read_text(errors='replace')}")
+            time.sleep(0.5)
+        yield env
+    finally:
+        # `ray start --block` stops the processes it started when it gets SIGTERM
+        head.terminate()
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def spec_text(
+    name: str,
+    *,
+    horizon: int = 2048,
+    lrs: str = "[0.0078125, 0.03125]",
+    batches: str = "[4, 8]",
+    tokens: int = 200_000,
+    resources: str = "",
+    train: str = "",
+    max_concurrent: int = 2,
+) -> str:
+    """A tiny Ray sweep spec."""
+    return f"""
+name = "{name}"
+[[models]]
+preset = "test-micro"
+[data]
+kind = "synthetic"
+synthetic_tokens = {tokens}
+[grid]
+lr = {lrs}
+batch_size = {batches}
+horizons_tokens = [{horizon}]
+[train]
+log_every = 4
+val_tokens = 256
+threads = 1
+{train}
+[resources]
+ray_num_cpus = 1
+max_concurrent = {max_concurrent}
+max_retries = 2
+{resources}
+[backend]
+name = "ray"
+stale_after_s = 600
+"""
+
+
+class Sweep:
+    """A sweep directory driven through the CLI in subprocesses."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str], name: str, text: str) -> None:
+        self.results = tmp_path / "results"
+        self.env = env
+        self.name = name
+        self.spec = tmp_path / f"{name}.toml"
+        self.spec.write_text(text)
+        self.store = SweepStore(self.results / name)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [str(BIN / "sweeper"), "--results", str(self.results), *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=120,
+        )
+        if check and proc.returncode:
+            raise AssertionError(f"sweeper {' '.join(args)}: {proc.returncode}\n{proc.stderr}")
+        return proc
+
+    def states(self) -> dict[str, str]:
+        out = self.cli("status", self.name, "--refresh", "--format", "json", check=False)
+        return {r["run_id"]: r["state"] for r in json.loads(out.stdout)}
+
+    def wait(self, done: Callable[[dict[str, str]], bool], timeout: float = 300) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            states = self.states()
+            if done(states):
+                return states
+            if time.monotonic() > deadline:
+                logs = "\n".join(
+                    p.read_text()[-3000:] for p in (self.store.root / "ray").glob("*.log")
+                )
+                raise AssertionError(f"timed out; states: {states}\n{logs}")
+            time.sleep(1)
+
+    def events(self, rid: str) -> list[dict[str, Any]]:
+        return self.store.events(rid)
+
+
+def all_in(*states: str) -> Callable[[dict[str, str]], bool]:
+    return lambda s: bool(s) and all(v in states for v in s.values())
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def logged_steps(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def steps_after(log: str, marker: str) -> list[int]:
+    return [int(m) for m in re.findall(re.escape(marker) + r"(\d+)", log)]
+
+
+def unlocked(run_dir: Path) -> bool:
+    """True once no worker or trainer holds the run's lock."""
+    with open(run_dir / ".lock", "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return True
+
+
+def max_overlap(intervals: list[tuple[float, float]]) -> int:
+    points = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
+    most = now = 0
+    for _, d in points:
+        now += d
+        most = max(most, now)
+    return most
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_four_run_sweep_completes_within_the_concurrency_limit(
+    tmp_path: Path, cluster: dict[str, str]
+) -> None:
+    sw = Sweep(tmp_path, cluster, "four", spec_text("four"))
+    t0 = time.monotonic()
+    sw.cli("launch", str(sw.spec))
+    assert time.monotonic() - t0 < 30, "launch must return once the driver started"
+    states = sw.wait(all_in("completed"))
+    assert len(states) == 4
+    spans = []
+    for rid in states:
+        events = sw.events(rid)
+        assert [e["state"] for e in events] == ["submitted", "running", "completed"]
+        spans.append((events[1]["ts"], events[2]["ts"]))
+    assert max_overlap(spans) <= 2  # resources.max_concurrent
+    sw.cli("collect", sw.name)
+    runs = pq.read_table(sw.store.root / "runs.parquet").to_pandas()
+    assert len(runs) == 4 and set(runs["state"]) == {"completed"}
+
+
+def test_trial_killed_mid_run_is_retried_from_its_checkpoint(
+    tmp_path: Path, cluster: dict[str, str]
+) -> None:
+    text = spec_text(
+        "killed",
+        horizon=64_000,
+        lrs="[0.0078125]",
+        batches="[4]",
+        tokens=1_000_000,
+        train="checkpoint_every = 25",
+    )
+    sw = Sweep(tmp_path, cluster, "killed", text)
+    sw.cli("launch", str(sw.spec))
+    (rid,) = sw.store.run_ids()
+    rd = sw.store.run_dir(rid)
+    wait_for(lambda: logged_steps(rd) >= 60, 240, "the run to pass step 60")
+    running = sw.events(rid)[-1]
+    assert running["state"] == "running"
+    os.kill(int(running["pid"]), signal.SIGKILL)  # the Ray worker process running the trial
+    states = sw.wait(all_in("completed"))
+    assert states == {rid: "completed"}
+    events = sw.events(rid)
+    assert [e["state"] for e in events].count("completed") == 1
+    assert max(e["attempt"] for e in events) == 2
+    err = (rd / "stderr.log").read_text()
+    (resumed,) = steps_after(err, "resuming at step ")
+    assert resumed >= 60
+
+
+def test_driver_killed_mid_sweep_then_resume_completes_every_run_once(
+    tmp_path: Path, cluster: dict[str, str]
+) -> None:
+    text = spec_text(
+        "driver",
+        horizon=32_000,
+        lrs="[0.0078125]",
+        batches="[4, 8]",
+        tokens=1_000_000,
+        train="checkpoint_every = 25",
+        max_concurrent=1,
+    )
+    sw = Sweep(tmp_path, cluster, "driver", text)
+    sw.cli("launch", str(sw.spec))
+    ids = sw.store.run_ids()
+    driver = sw.events(ids[0])[-1]["pid"]
+    wait_for(
+        lambda: any(logged_steps(sw.store.run_dir(r)) >= 40 for r in ids),
+        240,
+        "a run to pass step 40",
+    )
+    started = [r for r in ids if logged_steps(sw.store.run_dir(r)) >= 40]
+    os.kill(int(driver), signal.SIGKILL)
+    # Ray ends the dead driver's trials; their trainers checkpoint and exit
+    wait_for(lambda: all(unlocked(sw.store.run_dir(r)) for r in ids), 120, "trials to stop")
+    states = sw.states()
+    assert set(states.values()) <= {"cancelled", "completed"}, states
+    sw.cli("resume", sw.name)
+    states = sw.wait(all_in("completed"))
+    assert len(states) == 2
+    for rid in ids:
+        kinds = [e["state"] for e in sw.events(rid)]
+        assert kinds.count("completed") == 1, kinds
+    for rid in started:
+        if "cancelled" in [e["state"] for e in sw.events(rid)]:
+            err = (sw.store.run_dir(rid) / "stderr.log").read_text()
+            assert steps_after(err, "resuming at step ")[0] >= 25
+
+
+def test_without_an_address_the_driver_starts_a_local_cluster(
+    tmp_path: Path, cluster: dict[str, str]
+) -> None:
+    env = {k: v for k, v in cluster.items() if k != "RAY_ADDRESS"}
+    text = spec_text("local-ray", lrs="[0.0078125]", batches="[4, 8]")
+    sw = Sweep(tmp_path, env, "local-ray", text)
+    sw.cli("launch", str(sw.spec))
+    states = sw.wait(all_in("completed"))
+    assert len(states) == 2
+    log = next((sw.store.root / "ray").glob("*.log")).read_text()
+    assert "Started a local Ray instance" in log
