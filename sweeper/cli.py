@@ -218,6 +218,11 @@ def plan_summary(plan: Any) -> str:
 )
 @click.option("--dry-run", is_flag=True, help="List the runs that would start; write nothing.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option(
+    "--ray-address",
+    default=None,
+    help="Ray cluster (backend ray; default: backend.ray_address, else $RAY_ADDRESS).",
+)
 @click.pass_context
 def launch_cmd(
     ctx: click.Context,
@@ -226,6 +231,7 @@ def launch_cmd(
     max_parallel: int | None,
     dry_run: bool,
     no_progress: bool,
+    ray_address: str | None,
 ) -> int:
     """Create (or extend) the sweep of SPEC under --results and run its planned runs.
 
@@ -261,7 +267,7 @@ def launch_cmd(
     )
     parallel = _parallel(max_parallel, name, prep.spec.backend.max_parallel)
     return _run(prep.store, name, backend_obj, parallel, resume=False, diverged=False,
-                progress=not no_progress)  # fmt: skip
+                progress=not no_progress, ray_address=ray_address)  # fmt: skip
 
 
 @cli.command("resume")
@@ -277,6 +283,11 @@ def launch_cmd(
 @click.option("--diverged", is_flag=True, help="Also re-run diverged runs.")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 @click.option("--no-progress", is_flag=True)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="Ray cluster (backend ray; default: backend.ray_address, else $RAY_ADDRESS).",
+)
 @click.pass_context
 def resume_cmd(
     ctx: click.Context,
@@ -288,6 +299,7 @@ def resume_cmd(
     diverged: bool,
     fmt: str,
     no_progress: bool,
+    ray_address: str | None,
 ) -> int:
     """Re-run SWEEP's failed, stale, cancelled (and planned) runs from their last checkpoint.
 
@@ -320,6 +332,7 @@ def resume_cmd(
         diverged=diverged,
         progress=not no_progress,
         restart=restart,
+        ray_address=ray_address,
     )
 
 
@@ -338,11 +351,13 @@ def _run(
     diverged: bool,
     progress: bool,
     restart: bool = False,
+    ray_address: str | None = None,
 ) -> int:
     """Select and claim runs under the sweep lock, then hand them to the backend."""
     from sweeper.launch import claim, restart_run, select_runs
 
-    opts = LaunchOptions(max_parallel=max_parallel, progress=progress)
+    extra = {"ray_address": ray_address} if ray_address else {}
+    opts = LaunchOptions(max_parallel=max_parallel, progress=progress, extra=extra)
     with store.lock():
         backend.reconcile(store)
         ids = select_runs(store, resume=resume, diverged=diverged)
@@ -426,8 +441,11 @@ def status_cmd(
     if refresh:
         from sweeper.launch import load_sweep_spec
 
+        names = {load_sweep_spec(store).backend.name}
+        names |= {st.last_event.get("backend") for st in store.statuses().values()}
         with store.lock():
-            load_backend(load_sweep_spec(store).backend.name).reconcile(store)
+            for backend_name in sorted(n for n in names if n):
+                load_backend(backend_name).reconcile(store)
     statuses = store.statuses()
     counts = _state_counts(statuses)
     rows = [st.to_dict() for st in statuses.values() if not states or st.state.value in states]
@@ -552,3 +570,7 @@ def _one_line(e: BaseException) -> str:
 
 
 __all__ = ["cli", "main", "resolve_sweep", "SpecError"]
+
+
+if __name__ == "__main__":
+    main()

@@ -74,6 +74,9 @@ def trainer_command(record: dict[str, Any], trial_json: Path, run_dir: Path) -> 
         if nodes > 1:
             rdzv = os.environ.get("SWEEPER_RDZV_ENDPOINT", "localhost:29500")
             prefix += [f"--nnodes={nodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv}"]
+        else:
+            # --standalone picks a free port: two multi-rank runs on one node must not share 29500
+            prefix.append("--standalone")
         prefix += ["-m", "trainer", "--"]  # "--": torchrun would take --run for its --run-path
     else:
         prefix = [sys.executable, "-m", "trainer"]
