@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from sweeper.errors import SweepError
+from sweeper.store import atomic_write
 
 REQUIRED = ("lr", "batch_size", "tokens", "train_loss", "output_norm")
 NT_REQUIRED = ("lr", "bs", "step", "horizon", "train_loss", "output_norm")
@@ -294,31 +294,15 @@ def load_metrics(path: str | os.PathLike[str]) -> pd.DataFrame | None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and os.replace."""
+    """Write ``data`` to ``path`` atomically, creating the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
-    """Write a frame as Parquet atomically (temp file + os.replace)."""
+    """Write a frame as Parquet atomically, creating the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: df.to_parquet(f, index=False))
 
 
 def unique_sorted(values: Iterable[Any]) -> list[Any]:
