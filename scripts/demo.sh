@@ -7,5 +7,5 @@ bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 sweeper launch sweeps/demo.toml --max-parallel "${MAX_PARALLEL:-2}"
 sweeper analyze demo
-sweeper export demo --table optima --format markdown
+sweeper export demo --table optima --format markdown --columns model,tokens,batch_size,lr_star,x0,y0,edge
 echo "report: results/demo/analysis/report.html"

@@ -523,18 +523,23 @@ def collect_cmd(ctx: click.Context, sweep: str, full: bool) -> int:
     default=None,
     help="Output file (default: stdout; parquet needs a file).",
 )
+@click.option("--columns", default=None, help="Comma-separated columns to keep, in order.")
 @click.pass_context
-def export_cmd(ctx: click.Context, sweep: str, table: str, fmt: str, output: str | None) -> int:
+def export_cmd(
+    ctx: click.Context, sweep: str, table: str, fmt: str, output: str | None, columns: str | None
+) -> int:
     """Write one of SWEEP's tables as CSV, Parquet, JSON lines or Markdown.
 
     \b
     Example:
       sweeper export demo --table horizons --format csv -o horizons.csv
+      sweeper export demo --table optima --format markdown --columns tokens,batch_size,lr_star,y0
     """
     from sweeper.export import export_table
 
     store = resolve_sweep(ctx, sweep)
-    export_table(store.root, table, fmt, Path(output) if output else None)
+    cols = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+    export_table(store.root, table, fmt, Path(output) if output else None, cols)
     return 0
 
 

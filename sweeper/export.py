@@ -32,7 +32,13 @@ class ExportError(SweepError):
     """A bad table or format name, a missing table, or an output that cannot be written."""
 
 
-def export_table(sweep_dir: Path, table: str, fmt: str, out: Path | None) -> None:
+def export_table(
+    sweep_dir: Path,
+    table: str,
+    fmt: str,
+    out: Path | None,
+    columns: list[str] | None = None,
+) -> None:
     """Write table ``table`` of ``sweep_dir`` in format ``fmt`` to ``out`` (stdout when None).
 
     Args:
@@ -40,10 +46,11 @@ def export_table(sweep_dir: Path, table: str, fmt: str, out: Path | None) -> Non
         table: ``runs``, ``horizons``, ``metrics`` or ``optima``.
         fmt: ``csv``, ``parquet``, ``jsonl`` or ``markdown``.
         out: Output file (written atomically), or None for stdout.
+        columns: Only these columns, in this order (None: all).
 
     Raises:
-        ExportError: unknown table or format, Parquet to stdout, ``optima`` before ``sweeper
-            analyze``, or an output file that cannot be written.
+        ExportError: unknown table, format or column, Parquet to stdout, ``optima`` before
+            ``sweeper analyze``, or an output file that cannot be written.
     """
     sweep_dir = Path(sweep_dir)
     if table not in TABLES:
@@ -53,6 +60,14 @@ def export_table(sweep_dir: Path, table: str, fmt: str, out: Path | None) -> Non
     if fmt == "parquet" and out is None:
         raise ExportError("--format parquet: binary output needs a file; use -o FILE")
     data = load_table(sweep_dir, table)
+    if columns:
+        unknown = [c for c in columns if c not in data.column_names]
+        if unknown:
+            raise ExportError(
+                f"--columns {','.join(unknown)}: not in table {table} "
+                f"(columns: {', '.join(data.column_names)})"
+            )
+        data = data.select(columns)
     if out is None:
         _write(data, fmt, sys.stdout.buffer)
         sys.stdout.buffer.flush()

@@ -53,6 +53,14 @@ def test_jsonl_and_markdown(sweep: Path, capsysbinary) -> None:
     assert len(md) == 2 + 3 and md[2].startswith("| run0 | sw |")
 
 
+def test_columns_are_selected_in_order(sweep: Path, capsysbinary) -> None:
+    export_table(sweep, "horizons", "csv", None, ["tokens", "run_id"])
+    rows = list(csv.DictReader(io.StringIO(capsysbinary.readouterr().out.decode())))
+    assert list(rows[0]) == ["tokens", "run_id"] and len(rows) == 6
+    with pytest.raises(ExportError, match="--columns nope: not in table horizons"):
+        export_table(sweep, "horizons", "csv", None, ["run_id", "nope"])
+
+
 def test_markdown_escapes_and_formats() -> None:
     t = pa.table({"a": ["x|y", None], "b": [1.0 / 3, float("nan")], "c": [[1, 2], None]})
     assert to_markdown(t).splitlines() == [
