@@ -105,14 +105,17 @@ def norm_parabolas(pts: pd.DataFrame, optima: pd.DataFrame, model: str, layout: 
     """Loss against log2 output norm per B (colour), fitted parabola and vertex, one panel per D."""
     tokens = sorted(pts["tokens"].unique())
     batches = sorted(pts["batch_size"].unique())
-    cmap = plt.get_cmap("plasma", max(len(batches), 2))
+    cmap = plt.get_cmap("plasma")
+    # stop short of plasma's pale yellow end, which is unreadable on white
+    colours = [cmap(0.85 * j / max(len(batches) - 1, 1)) for j in range(len(batches))]
     fig, axes = _panels(len(tokens))
     for ax, d in zip(axes, tokens, strict=True):
+        vertices = []
         for j, bsz in enumerate(batches):
             p = pts[(pts["tokens"] == d) & (pts["batch_size"] == bsz)]
             if p.empty:
                 continue
-            col = cmap(j)
+            col = colours[j]
             ax.plot(p["x"], p["y"], "o", ms=3, color=col, alpha=0.6, label=f"B={bsz}")
             o = optima[(optima["tokens"] == d) & (optima["batch_size"] == bsz)]
             if o.empty or o["status"].iloc[0] != "ok":
@@ -121,9 +124,11 @@ def norm_parabolas(pts: pd.DataFrame, optima: pd.DataFrame, model: str, layout: 
             xs = np.linspace(r["x_fit_lo"], r["x_fit_hi"], 50)
             ax.plot(xs, r["a"] * xs**2 + r["b"] * xs + r["c"], "-", color=col, lw=1.2)
             ax.plot([r["x0"]], [r["y0"]], "k+", ms=8)
+            vertices.append(float(r["y0"]))
         fin = pts[(pts["tokens"] == d)]["y"]
         if fin.notna().any():
-            lo = float(fin.min())
+            # keep every vertex in view: with c fixed the vertex can sit below all the points
+            lo = min([float(fin.min()), *[v for v in vertices if math.isfinite(v)]])
             ax.set_ylim(lo - 0.05 * abs(lo), lo + max(0.6, 0.25 * abs(lo)))
         ax.set_title(f"D = 2^{math.log2(d):g}")
         ax.set_xlabel("log2 ||W_out||_(RMS->inf)")

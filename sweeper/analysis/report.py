@@ -235,7 +235,7 @@ def _warnings(
             if "error" in s[law]:
                 out.append(f"{s['model']} {s['layout']}: no {law} ({s[law]['error']})")
     if opts.c_fixed is None:
-        out.append("intercept c fitted freely (no step-0 loss found; pass --c-fixed)")
+        out.append("intercept c fitted freely, not at the initial loss (--free-c or no step 0)")
     if metrics is None:
         out.append("no metrics.parquet: the norm-growth figure is missing")
     return out
