@@ -448,7 +448,8 @@ def test_sweeper_cancel_stops_running_and_queued_runs(tmp_path: Path, env: dict[
     assert len(states) == 2
 
     def queue_empty() -> bool:
-        out = subprocess.run(["squeue", "-h", "-n", "sweeper-cancel"], capture_output=True, text=True)
+        cmd = ["squeue", "-h", "-n", "sweeper-cancel"]
+        out = subprocess.run(cmd, capture_output=True, text=True)
         return out.stdout.strip() == ""
 
     # a cancelled job passes through COMPLETING (CG) while slurmd cleans up
