@@ -6,9 +6,7 @@ Runs are tiny (``test-micro``, synthetic data, one thread); what takes time is R
 from __future__ import annotations
 
 import fcntl
-import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -16,14 +14,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-
-from sweeper.store import SweepStore
+from sweep_cli import Sweep, all_in, logged_steps, steps_after, wait_for
 
 pytest.importorskip("ray.tune", reason="ray[tune] is not installed")
 
@@ -130,72 +126,10 @@ stale_after_s = 600
 """
 
 
-class Sweep:
-    """A sweep directory driven through the CLI in subprocesses."""
-
-    def __init__(self, tmp_path: Path, env: dict[str, str], name: str, text: str) -> None:
-        self.results = tmp_path / "results"
-        self.env = env
-        self.name = name
-        self.spec = tmp_path / f"{name}.toml"
-        self.spec.write_text(text)
-        self.store = SweepStore(self.results / name)
-
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [str(BIN / "sweeper"), "--results", str(self.results), *args],
-            capture_output=True,
-            text=True,
-            env=self.env,
-            timeout=120,
-        )
-        if check and proc.returncode:
-            raise AssertionError(f"sweeper {' '.join(args)}: {proc.returncode}\n{proc.stderr}")
-        return proc
-
-    def states(self) -> dict[str, str]:
-        out = self.cli("status", self.name, "--refresh", "--format", "json", check=False)
-        return {r["run_id"]: r["state"] for r in json.loads(out.stdout)}
-
-    def wait(self, done: Callable[[dict[str, str]], bool], timeout: float = 300) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            states = self.states()
-            if done(states):
-                return states
-            if time.monotonic() > deadline:
-                logs = "\n".join(
-                    p.read_text()[-3000:] for p in (self.store.root / "ray").glob("*.log")
-                )
-                raise AssertionError(f"timed out; states: {states}\n{logs}")
-            time.sleep(1)
-
-    def events(self, rid: str) -> list[dict[str, Any]]:
-        return self.store.events(rid)
-
-
-def all_in(*states: str) -> Callable[[dict[str, str]], bool]:
-    return lambda s: bool(s) and all(v in states for v in s.values())
-
-
-def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-def logged_steps(run_dir: Path) -> int:
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    return json.loads(lines[-1])["step"] if lines else 0
-
-
-def steps_after(log: str, marker: str) -> list[int]:
-    return [int(m) for m in re.findall(re.escape(marker) + r"(\d+)", log)]
+class RaySweep(Sweep):
+    def diagnose(self) -> str:
+        logs = [p.read_text()[-3000:] for p in (self.store.root / "ray").glob("*.log")]
+        return "\n".join(logs)
 
 
 def unlocked(run_dir: Path) -> bool:
@@ -224,7 +158,7 @@ def max_overlap(intervals: list[tuple[float, float]]) -> int:
 def test_four_run_sweep_completes_within_the_concurrency_limit(
     tmp_path: Path, cluster: dict[str, str]
 ) -> None:
-    sw = Sweep(tmp_path, cluster, "four", spec_text("four"))
+    sw = RaySweep(tmp_path, cluster, "four", spec_text("four"))
     t0 = time.monotonic()
     sw.cli("launch", str(sw.spec))
     assert time.monotonic() - t0 < 30, "launch must return once the driver started"
@@ -252,7 +186,7 @@ def test_trial_killed_mid_run_is_retried_from_its_checkpoint(
         tokens=1_000_000,
         train="checkpoint_every = 25",
     )
-    sw = Sweep(tmp_path, cluster, "killed", text)
+    sw = RaySweep(tmp_path, cluster, "killed", text)
     sw.cli("launch", str(sw.spec))
     (rid,) = sw.store.run_ids()
     rd = sw.store.run_dir(rid)
@@ -282,7 +216,7 @@ def test_driver_killed_mid_sweep_then_resume_completes_every_run_once(
         train="checkpoint_every = 25",
         max_concurrent=1,
     )
-    sw = Sweep(tmp_path, cluster, "driver", text)
+    sw = RaySweep(tmp_path, cluster, "driver", text)
     sw.cli("launch", str(sw.spec))
     ids = sw.store.run_ids()
     driver = sw.events(ids[0])[-1]["pid"]
@@ -314,7 +248,7 @@ def test_without_an_address_the_driver_starts_a_local_cluster(
 ) -> None:
     env = {k: v for k, v in cluster.items() if k != "RAY_ADDRESS"}
     text = spec_text("local-ray", lrs="[0.0078125]", batches="[4, 8]")
-    sw = Sweep(tmp_path, env, "local-ray", text)
+    sw = RaySweep(tmp_path, env, "local-ray", text)
     sw.cli("launch", str(sw.spec))
     states = sw.wait(all_in("completed"))
     assert len(states) == 2

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -17,10 +16,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from sweep_cli import Sweep, all_in, logged_steps, losses, steps_after, wait_for
 
 from sweeper.backends import LaunchOptions
 from sweeper.backends.slurm import (
@@ -33,10 +32,8 @@ from sweeper.backends.slurm import (
     sbatch_parameters,
 )
 from sweeper.launch import prepare_sweep, select_runs
-from sweeper.store import SweepStore
 
 REPO = Path(__file__).resolve().parent.parent
-SWEEPER = [str(Path(sys.executable).parent / "sweeper")]
 
 
 def _slurm_up() -> str | None:
@@ -119,82 +116,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     }
 
 
-class Sweep:
-    """A sweep directory driven through the CLI in subprocesses."""
-
-    def __init__(self, tmp_path: Path, env: dict[str, str], name: str, text: str) -> None:
-        self.results = tmp_path / "results"
-        self.env = env
-        self.name = name
-        self.spec = tmp_path / f"{name}.toml"
-        self.spec.write_text(text)
-        self.store = SweepStore(self.results / name)
-
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [*SWEEPER, "--results", str(self.results), *args],
-            capture_output=True,
-            text=True,
-            env=self.env,
-            timeout=120,
-        )
-        if check and proc.returncode:
-            raise AssertionError(f"sweeper {' '.join(args)}: {proc.returncode}\n{proc.stderr}")
-        return proc
-
-    def states(self) -> dict[str, str]:
-        out = self.cli("status", self.name, "--refresh", "--format", "json", check=False)
-        return {r["run_id"]: r["state"] for r in json.loads(out.stdout)}
-
-    def wait(self, done: Callable[[dict[str, str]], bool], timeout: float = 240) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            states = self.states()
-            if done(states):
-                return states
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out; states: {states}\n{self.diagnose()}")
-            time.sleep(1)
-
+class SlurmSweep(Sweep):
     def diagnose(self) -> str:
-        lines = [subprocess.run(["squeue"], capture_output=True, text=True).stdout]
-        for rid in self.store.run_ids():
-            rd = self.store.run_dir(rid)
-            lines.append(f"{rid}: {(rd / 'events.jsonl').read_text() if rd.exists() else ''}")
-        return "\n".join(lines)
-
-    def events(self, rid: str) -> list[dict[str, Any]]:
-        return self.store.events(rid)
-
-
-def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-def logged_steps(run_dir: Path) -> int:
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    return json.loads(lines[-1])["step"] if lines else 0
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train_loss"] for r in rows}
-
-
-def steps_after(log: str, marker: str) -> list[int]:
-    """The step numbers that follow ``marker`` in a trainer log."""
-    return [int(m) for m in re.findall(re.escape(marker) + r"(\d+)", log)]
-
-
-def all_in(*states: str) -> Callable[[dict[str, str]], bool]:
-    return lambda s: bool(s) and all(v in states for v in s.values())
+        queue = subprocess.run(["squeue"], capture_output=True, text=True).stdout
+        return queue + "\n" + super().diagnose()
 
 
 # --------------------------------------------------------------------------- without a cluster
@@ -263,7 +188,7 @@ def test_packs_and_array_chunks() -> None:
 def test_four_run_sweep_completes_as_one_throttled_array_and_collects(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
-    sw = Sweep(tmp_path, env, "four", spec_text("four", resources="array_parallelism = 2"))
+    sw = SlurmSweep(tmp_path, env, "four", spec_text("four", resources="array_parallelism = 2"))
     t0 = time.monotonic()
     sw.cli("launch", str(sw.spec))
     assert time.monotonic() - t0 < 30, "launch must return once the jobs are queued"
@@ -292,7 +217,7 @@ def test_packed_runs_share_jobs_and_arrays_are_chunked(tmp_path: Path, env: dict
     assert max_array_size() >= 2  # read from `scontrol show config`
     # MaxArraySize 1 forces one job per pack: 4 runs -> 2 packs -> 2 jobs
     SlurmBackend(max_array_size=1).launch(prep.store, ids, LaunchOptions())
-    sw = Sweep(tmp_path, env, "packed", text)
+    sw = SlurmSweep(tmp_path, env, "packed", text)
     states = sw.wait(all_in("completed"))
     jobs = {rid: sw.events(rid)[-1]["job_id"] for rid in states}
     assert sorted(jobs.values()).count(jobs[ids[0]]) == 2 and len(set(jobs.values())) == 2
@@ -311,7 +236,7 @@ def test_scancelled_job_shows_cancelled_and_resume_continues_from_checkpoint(
         tokens=1_000_000,
         train="checkpoint_every = 25",
     )
-    sw = Sweep(tmp_path, env, "scancel", text)
+    sw = SlurmSweep(tmp_path, env, "scancel", text)
     sw.cli("launch", str(sw.spec))
     (rid,) = sw.store.run_ids()
     rd = sw.store.run_dir(rid)
@@ -348,7 +273,7 @@ def test_preempted_run_requeues_and_matches_an_uninterrupted_run(
         tokens=1_000_000,
         train="checkpoint_every = 0",
     )
-    sw = Sweep(tmp_path, env, "preempt", text)
+    sw = SlurmSweep(tmp_path, env, "preempt", text)
     sw.cli("launch", str(sw.spec))
     (rid,) = sw.store.run_ids()
     rd = sw.store.run_dir(rid)
@@ -397,7 +322,7 @@ def test_preempted_run_requeues_and_matches_an_uninterrupted_run(
 def test_failing_trial_shows_failed_with_stderr_tail(tmp_path: Path, env: dict[str, str]) -> None:
     # a corpus too small for the horizon: the trainer rejects the run at start
     text = spec_text("fails", horizon=64_000, lrs="[0.0078125]", batches="[4]", tokens=20_000)
-    sw = Sweep(tmp_path, env, "fails", text)
+    sw = SlurmSweep(tmp_path, env, "fails", text)
     sw.cli("launch", str(sw.spec))
     states = sw.wait(all_in("failed"))
     (rid,) = states
@@ -418,7 +343,7 @@ def test_job_dying_before_its_trial_is_reconciled_from_sacct(
     prep = prepare_sweep(spec, tmp_path / "results")
     ids = select_runs(prep.store)
     SlurmBackend(python="/nonexistent/python3").launch(prep.store, ids, LaunchOptions())
-    sw = Sweep(tmp_path, env, "broken", text)
+    sw = SlurmSweep(tmp_path, env, "broken", text)
     sw.wait(all_in("failed"), timeout=120)
     st = sw.store.status(ids[0])
     assert "FAILED" in st.reason and st.last_event["job_id"] in st.reason
@@ -436,7 +361,7 @@ def test_sweeper_cancel_stops_running_and_queued_runs(tmp_path: Path, env: dict[
         resources="array_parallelism = 1",
         train="checkpoint_every = 25",
     )
-    sw = Sweep(tmp_path, env, "cancel", text)
+    sw = SlurmSweep(tmp_path, env, "cancel", text)
     sw.cli("launch", str(sw.spec))
     wait_for(
         lambda: any(logged_steps(sw.store.run_dir(r)) >= 10 for r in sw.store.run_ids()),
@@ -461,7 +386,7 @@ def test_two_rank_run_uses_torchrun_inside_one_allocation(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
     text = spec_text("ddp", lrs="[0.0078125]", batches="[4]", resources="procs_per_node = 2")
-    sw = Sweep(tmp_path, env, "ddp", text)
+    sw = SlurmSweep(tmp_path, env, "ddp", text)
     sw.cli("launch", str(sw.spec))
     (rid,) = sw.wait(all_in("completed"))
     job = sw.events(rid)[-1]["job_id"]
@@ -478,7 +403,7 @@ def test_bad_partition_is_a_one_line_error_and_submits_nothing(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
     text = spec_text("nopart", lrs="[0.0078125]", batches="[4]", resources='partition = "nope"')
-    sw = Sweep(tmp_path, env, "nopart", text)
+    sw = SlurmSweep(tmp_path, env, "nopart", text)
     proc = sw.cli("launch", str(sw.spec), check=False)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
@@ -511,7 +436,7 @@ def test_job_killed_without_warning_resumes_from_the_periodic_checkpoint(
         tokens=1_000_000,
         train="checkpoint_every = 25",
     )
-    sw = Sweep(tmp_path, env, "sigkill", text)
+    sw = SlurmSweep(tmp_path, env, "sigkill", text)
     sw.cli("launch", str(sw.spec))
     (rid,) = sw.store.run_ids()
     rd = sw.store.run_dir(rid)
