@@ -224,6 +224,11 @@ def analyze(
     """Optima, scaling laws, norm transfer, plots and an HTML report for SWEEP (or --from FILE).
 
     Writes optima.parquet, fits.json, PNG figures and report.html into SWEEP/analysis/ (or --out).
+
+    \b
+    Example:
+      sweeper analyze demo
+      sweeper analyze --from lr-bs-scan-base-momentum-1.0-preprocessed-seed-30.csv --out nt/
     """
     from sweeper.analysis.report import run_analysis
 
@@ -302,6 +307,11 @@ def refine(
 
     Proposals: extend eta past an optimum on the grid's edge, densify eta around each optimum, the
     eta predicted to reach the optimal output norm at an untried (B, D), and optionally Optuna TPE.
+
+    \b
+    Example:
+      sweeper refine demo
+      sweeper refine demo --apply && sweeper resume demo
     """
     from sweeper.analysis import refine as rf
     from sweeper.analysis.optimum import find_optima
