@@ -6,9 +6,13 @@ then times
 
 1. the JSON parsing alternatives on the metrics files (json per line, pyarrow.json per file,
    pyarrow.json over the concatenated files, a process pool of json over 2 workers),
-2. a first ``collect``, a second one with nothing changed, and one after touching 10 runs.
+2. first collects side by side, interleaved ``--reps`` times: the ``collect.py`` of git revision
+   ``--baseline`` (if given), and the current one reading in one process and in two; the tables
+   of each variant are compared with the first variant's,
+3. a first ``collect``, a second one with nothing changed, and one after touching 10 runs.
 
-Usage: ``python bench/bench_collect.py [--runs 10000] [--dir DIR] [--keep]``
+Usage: ``python bench/bench_collect.py [--runs 10000] [--dir DIR] [--keep] [--baseline REV]
+[--reps 3] [--skip-parsers]``
 """
 
 from __future__ import annotations
@@ -20,14 +24,19 @@ import os
 import random
 import resource
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from types import ModuleType
 
 import pyarrow as pa
 import pyarrow.json as pj
+import pyarrow.parquet as pq
 
 from trainer.config import SCHEMA_VERSION, TrainConfig
 
@@ -223,13 +232,96 @@ def _report(label: str, dt: float, cpu: float, result: object) -> None:
     print(f"{label:24s} wall {dt:7.3f} s  cpu {cpu:7.3f} s  ({result})")
 
 
-def bench_collect(sweep_dir: Path) -> None:
-    from sweeper.collect import CACHE_DIR, collect_sweep
-
-    shutil.rmtree(sweep_dir / CACHE_DIR, ignore_errors=True)  # a real first collect
+def _fresh(sweep_dir: Path) -> None:
+    """Remove the collect cache and the tables, so that the next collect is a first one."""
+    shutil.rmtree(sweep_dir / ".collect", ignore_errors=True)
     for name in ("runs", "horizons", "metrics"):
         (sweep_dir / f"{name}.parquet").unlink(missing_ok=True)
 
+
+def load_baseline(rev: str) -> ModuleType:
+    """``sweeper/collect.py`` as of git revision ``rev``, imported as a separate module."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(
+        ["git", "show", f"{rev}:sweeper/collect.py"],
+        cwd=root,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    module = ModuleType("collect_baseline")
+    module.__file__ = f"collect.py@{rev}"
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module
+
+
+def _tables(sweep_dir: Path) -> dict[str, pa.Table]:
+    return {n: pq.read_table(sweep_dir / f"{n}.parquet") for n in ("runs", "horizons", "metrics")}
+
+
+def _same_tables(a: dict[str, pa.Table], b: dict[str, pa.Table]) -> bool:
+    """Equal contents, row order included (metadata aside; dictionaries compared as values)."""
+    for name in a:
+        x, y = a[name].replace_schema_metadata(None), b[name].replace_schema_metadata(None)
+        if name == "metrics":
+            x, y = (
+                t.cast(
+                    pa.schema(
+                        [
+                            f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f
+                            for f in t.schema
+                        ]
+                    )
+                )
+                for t in (x, y)
+            )
+        if not x.equals(y):
+            return False
+    return True
+
+
+def bench_first(sweep_dir: Path, baseline: str | None, reps: int) -> None:
+    """First collects side by side, interleaved: the baseline revision and the current code with
+    the reading in one process and in two."""
+    from sweeper import collect
+
+    variants: dict[str, Callable[[], object]] = {}
+    if baseline:
+        old = load_baseline(baseline)
+        variants[f"baseline {baseline}"] = lambda: old.collect_sweep(sweep_dir)
+    variants["one process"] = lambda: collect.collect_sweep(sweep_dir, parallel=False)
+    variants["two processes"] = lambda: collect.collect_sweep(sweep_dir, parallel=True)
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
+    results: dict[str, dict[str, pa.Table]] = {}
+    for rep in range(reps):
+        for label, fn in variants.items():
+            _fresh(sweep_dir)
+            dt, cpu, result = _time(fn)
+            times[label].append((dt, cpu))
+            print(
+                f"  rep {rep + 1} {label:22s} wall {dt:7.3f} s  cpu {cpu:7.3f} s  load "
+                f"{os.getloadavg()[0]:.1f}"
+            )
+            if rep == 0:
+                results[label] = _tables(sweep_dir)
+    ref = next(iter(results.values()))
+    first_wall = statistics.median(w for w, _ in next(iter(times.values())))
+    print(f"first collect, median of {reps}:")
+    for label, runs in times.items():
+        wall = statistics.median(w for w, _ in runs)
+        cpu = statistics.median(c for _, c in runs)
+        same = "same tables" if _same_tables(ref, results[label]) else "TABLES DIFFER"
+        print(
+            f"  {label:22s} wall {wall:7.3f} s ({first_wall / wall:4.2f}x)  cpu {cpu:7.3f} s"
+            f"  {same}"
+        )
+
+
+def bench_collect(sweep_dir: Path) -> None:
+    from sweeper.collect import collect_sweep
+
+    _fresh(sweep_dir)
     _report("first collect:", *_time(lambda: collect_sweep(sweep_dir)))
     _report("second, nothing changed:", *_time(lambda: collect_sweep(sweep_dir)))
     for p in sorted((sweep_dir / "runs").iterdir())[:10]:
@@ -245,6 +337,10 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="sweep dir (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the generated sweep")
     ap.add_argument("--skip-parsers", action="store_true")
+    ap.add_argument(
+        "--baseline", default=None, help="git revision whose collect.py to time side by side"
+    )
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of the first collects")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-collect-"))
     sweep_dir = args.dir or root / "bench"
@@ -259,6 +355,7 @@ def main() -> None:
             print(f"generated {args.runs} runs in {dt:.1f} s")
         if not args.skip_parsers:
             bench_parsers(sweep_dir)
+        bench_first(sweep_dir, args.baseline, args.reps)
         bench_collect(sweep_dir)
     finally:
         if not args.keep:

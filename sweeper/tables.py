@@ -13,8 +13,6 @@ analysis never reads columns it does not understand. Column by column: ``docs/ta
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sweeper.errors import SweepError
+from sweeper.store import atomic_write
 
 SCHEMA_VERSION = 1
 META_TABLE = b"sweeper.table"
@@ -136,13 +135,16 @@ METRICS_SCHEMA = pa.schema(
 )
 
 # Parquet settings per table. The long metrics table is most of the bytes: dictionary-encode only
-# its two string columns, delta-encode the monotone step/tokens (smaller and faster to write).
+# its two string columns, delta-encode the monotone step/tokens (smaller and faster to write), and
+# keep min/max statistics only where a reader can skip row groups with them: every row group holds
+# every metric, and a min/max over all metrics' values says nothing (15% of the write time).
 _PARQUET_OPTS: dict[str, dict[str, Any]] = {
     "runs": {},
     "horizons": {},
     "metrics": {
         "use_dictionary": ["run_id", "metric"],
         "column_encoding": {"step": "DELTA_BINARY_PACKED", "tokens": "DELTA_BINARY_PACKED"},
+        "write_statistics": ["run_id", "step", "tokens"],
     },
 }
 
@@ -193,23 +195,8 @@ def _metadata(name: str, generation: str | None) -> dict[bytes, bytes]:
     return meta
 
 
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call ``write(file)`` on a dot-prefixed temp file beside ``path``, fsync, rename it over.
-
-    Readers see either the old or the new file, never a partial one; on error the temp file is
-    removed.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# Readers see the old or the new file, never a partial one (temp file, fsync, rename).
+atomic_write_bytes = atomic_write
 
 
 def write_table(

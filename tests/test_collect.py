@@ -16,12 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sweeper import store, tables
+from sweeper import collect, store, tables
 from sweeper.collect import (
     CACHE_DIR,
     CollectError,
     collect_sweep,
+    parse_events,
     parse_metrics,
+    scan_signatures,
 )
 from trainer.config import SCHEMA_VERSION, TrainConfig
 
@@ -604,3 +606,207 @@ def test_vectorised_smoothing_matches_a_per_run_reference(tmp_path: Path) -> Non
         for g, w in zip(got.get(rid, []), want, strict=True):
             assert g[0] == w[0] and g[3] == w[3], rid
             assert g[1] == pytest.approx(w[1]) and g[2] == pytest.approx(w[2], abs=1e-12), rid
+
+
+# ------------------------------------------------------------------------------- fast paths
+
+
+def _mixed_sweep(tmp_path: Path) -> Path:
+    """Good runs and broken ones (bad metrics line, no summary, corrupt run.json, no run.json,
+    an unfinished run, a planned run without directory), for comparing the collect paths."""
+    sweep = make_sweep(tmp_path, n=6)
+    rd = write_run(sweep, "bad-line")
+    text = (rd / "metrics.jsonl").read_text().splitlines()
+    text[2] = text[2][:40]
+    (rd / "metrics.jsonl").write_text("\n".join(text) + "\n")
+    write_run(sweep, "no-summary", summary=False)
+    write_run(sweep, "no-record", record=False)
+    write_run(sweep, "live", states=("submitted", "running"), lines=default_lines()[:2])
+    (sweep / "runs" / "bad-json").mkdir()
+    (sweep / "runs" / "bad-json" / "run.json").write_text("{not json")
+    (sweep / "plan.json").write_text(json.dumps({"sweep": "sw", "runs": ["run0", "ghost"]}))
+    return sweep
+
+
+def _contents(sweep: Path) -> dict[str, pa.Table]:
+    """The three tables with dictionary columns decoded (each process builds its own
+    dictionaries) and the metadata dropped."""
+    out = {}
+    for name in tables.TABLE_NAMES:
+        t = tables.read_sweep_table(sweep, name).replace_schema_metadata(None)
+        fields = [
+            f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f
+            for f in t.schema
+        ]
+        out[name] = t.cast(pa.schema(fields))
+    return out
+
+
+def test_two_processes_give_the_same_tables(tmp_path: Path) -> None:
+    sweep = _mixed_sweep(tmp_path)
+    one = collect_sweep(sweep, parallel=False, now=time.time())
+    want = _contents(sweep)
+    manifest = json.loads((sweep / CACHE_DIR / "manifest.json").read_bytes())["runs"]
+    two = collect_sweep(sweep, parallel=True, full=True, now=time.time())
+    assert sorted(two.reread) == sorted(one.reread) and len(one.reread) == 12
+    assert two.errors == one.errors and two.rows == one.rows and two.states == one.states
+    got = _contents(sweep)
+    for name in tables.TABLE_NAMES:
+        assert got[name].equals(want[name]), name
+    assert json.loads((sweep / CACHE_DIR / "manifest.json").read_bytes())["runs"] == manifest
+    assert not [p.name for p in (sweep / CACHE_DIR).iterdir() if p.name.startswith(".")]
+    third = collect_sweep(sweep, parallel=True)  # the cache of a two-process collect works
+    assert third.reread == ("live",) and not third.written
+
+
+def test_a_dead_worker_process_is_replaced_by_reading_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sweep = _mixed_sweep(tmp_path)
+    collect_sweep(sweep, parallel=False)
+    want = _contents(sweep)
+    parent, read_run = os.getpid(), collect._read_run
+
+    def dies_in_the_worker(*args: Any) -> Any:
+        if os.getpid() != parent:
+            os._exit(9)  # as if killed (e.g. out of memory)
+        return read_run(*args)
+
+    monkeypatch.setattr(collect, "_read_run", dies_in_the_worker)  # the forked worker has it too
+    result = collect_sweep(sweep, parallel=True, full=True)
+    assert len(result.reread) == 12
+    got = _contents(sweep)
+    for name in tables.TABLE_NAMES:
+        assert got[name].equals(want[name]), name
+
+
+def test_signatures_taken_while_reading_match_the_scan(tmp_path: Path) -> None:
+    """A first collect takes each file's signature from the open file instead of a stat pass:
+    the manifest must hold what scan_signatures computes, or the next collect reads again."""
+    sweep = _mixed_sweep(tmp_path)
+    (sweep / "runs" / "run1" / "config.json").unlink()
+    collect_sweep(sweep)
+    runs = json.loads((sweep / CACHE_DIR / "manifest.json").read_bytes())["runs"]
+    assert {rid: entry[0] for rid, entry in runs.items()} == scan_signatures(sweep)
+    assert runs["ghost"][0] == "-,-,-,-,-,-" and runs["run1"][0].split(",")[1] == "-"
+    assert collect_sweep(sweep).reread == ("live",)
+
+
+def test_read_all_reads_a_file_that_grew_since_its_stat(tmp_path: Path) -> None:
+    path = tmp_path / "grown"
+    data = os.urandom(3 << 20)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert collect._read_all(fd, 100) == data
+    finally:
+        os.close(fd)
+
+
+def test_parse_events_reads_like_the_store(tmp_path: Path) -> None:
+    lines = [
+        b'{"ts": 1, "state": "submitted", "attempt": 1}',
+        b"",
+        b'{"ts": 2, "state": "running", "attempt": 1, "host": "h\\u00e9"}\r',
+        b"[1, 2]",
+        b'{"ts": 3}',
+        b'{"ts": 4, "state": 5}',
+        b"\xef\xbb\xbf" + b'{"ts": 5, "state": "failed", "attempt": 1}',
+        b"\xff\xfe",
+        b'{"ts": 6, "state": "completed", "exit_code": 0}',
+        b'{"ts": 7, "state": "compl',
+    ]
+    data = b"\n".join(lines)
+    (tmp_path / store.EVENTS).write_bytes(data)
+    want = store.read_events(tmp_path)
+    assert [e["ts"] for e in want] == [1, 2, 5, 6]
+    assert parse_events(data) == want
+
+
+def test_parse_metrics_counts_blank_and_crlf_lines_per_file() -> None:
+    """Files that parse but whose newline count is not their row count (blank lines, CRLF,
+    whitespace-only lines) still get their own rows."""
+    good = b"".join(json.dumps(x).encode() + b"\n" for x in default_lines())
+    blank = b"\n" + good.replace(b"\n", b"\n \n\t\n", 3)
+    crlf = good.replace(b"\n", b"\r\n")
+    chunks = [good, blank, crlf, good[:-1], b"\n\n", good]
+    wide, notes = parse_metrics(chunks)
+    runs = wide.column("_run").to_numpy()
+    assert [int((runs == i).sum()) for i in range(len(chunks))] == [5, 5, 5, 5, 0, 5]
+    assert notes == [""] * len(chunks)
+    steps = wide.column("step").to_numpy()
+    assert all(list(steps[runs == i]) == [0, 5, 10, 15, 20] for i in (0, 1, 2, 3, 5))
+
+
+def test_parse_metrics_never_shifts_rows_between_files() -> None:
+    """pyarrow reads two objects on one line as two rows and skips blank lines: a file with one
+    and a file with the other must not trade rows (their line counts would add up)."""
+    good = b"".join(json.dumps(x).encode() + b"\n" for x in default_lines())
+    lines = good.split(b"\n")
+    two_on_a_line = b"\n".join([lines[0] + b" " + lines[1], *lines[2:]])
+    blank = good.replace(b"\n", b"\n\n", 1)
+    marker = good + b'{"sweeper.end_of_file": true}\n'
+    chunks = [good, two_on_a_line, good, blank, good, marker, good]
+    wide, notes = parse_metrics(chunks)
+    runs = wide.column("_run").to_numpy()
+    assert [int((runs == i).sum()) for i in range(len(chunks))] == [5, 3, 5, 5, 5, 5, 5]
+    assert notes[1] == "1 invalid line(s) skipped (line 1)" and notes[3] == ""
+    assert notes[5] == "1 invalid line(s) skipped (line 6)"  # no step, as any such line
+    steps = wide.column("step").to_numpy()
+    assert all(list(steps[runs == i]) == [0, 5, 10, 15, 20] for i in (0, 2, 3, 4, 5, 6))
+
+
+def test_metrics_parquet_keeps_statistics_only_for_the_run_and_step_columns(
+    tmp_path: Path,
+) -> None:
+    sweep = make_sweep(tmp_path, n=2)
+    collect_sweep(sweep)
+    meta = pq.ParquetFile(tables.table_path(sweep, "metrics")).metadata
+    group = meta.row_group(0)
+    stats = {group.column(i).path_in_schema: group.column(i).is_stats_set for i in range(5)}
+    assert stats == {"run_id": True, "step": True, "tokens": True, "metric": False, "value": False}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"a": 1}',
+        b'{"a": [1, 2.5, null, true]}\n\t ',
+        b' {"a": 1}',
+        b"12",
+        b'{"a": 1} x',
+        b"\xef\xbb\xbf" + b'{"b": 2}',
+        '{"\u00e9": 1}'.encode("utf-16"),
+        b'{"a": NaN}',
+        b"",
+        b"{bad",
+        b'{"a": "\xff"}',
+    ],
+)
+def test_fast_json_loads_is_json_loads(data: bytes) -> None:
+    def outcome(loads: Any) -> tuple[str, Any]:
+        try:
+            return "ok", loads(data)
+        except ValueError as e:
+            return type(e).__name__, str(e)
+
+    assert outcome(collect._json_loads) == outcome(json.loads)  # NaN: json's one constant
+
+
+def test_reading_in_groups_gives_the_same_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs are read and parsed a group at a time; groups of 2 (extra metrics in one group
+    only, a bad file in another) must give the tables of one group."""
+    sweep = _mixed_sweep(tmp_path)
+    lines = [metric_line(s, 4.0, horizon=s in (10, 20), mfu=0.5) for s in (0, 10, 20)]
+    write_run(sweep, "run3", lines=lines)
+    now = time.time()
+    collect_sweep(sweep, parallel=False, now=now)
+    want = _contents(sweep)
+    monkeypatch.setattr(collect, "_READ_GROUP", 2)
+    collect_sweep(sweep, parallel=False, full=True, now=now)
+    got = _contents(sweep)
+    for name in tables.TABLE_NAMES:
+        assert got[name].equals(want[name]), name
+    assert "mfu" in set(got["metrics"].column("metric").to_pylist())
