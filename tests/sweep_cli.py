@@ -96,3 +96,40 @@ def losses(run_dir: Path) -> dict[int, float]:
 def steps_after(log: str, marker: str) -> list[int]:
     """The step numbers that follow ``marker`` in a trainer log."""
     return [int(m) for m in re.findall(re.escape(marker) + r"(\d+)", log)]
+
+
+def micro_spec(
+    name: str,
+    backend: str,
+    resources: str,
+    *,
+    horizon: int = 2048,
+    lrs: str = "[0.0078125, 0.03125]",
+    batches: str = "[4, 8]",
+    tokens: int = 200_000,
+    train: str = "",
+) -> str:
+    """A tiny sweep spec (``test-micro`` on synthetic data, one thread per run) for ``backend``;
+    ``resources`` is the body of its ``[resources]`` table."""
+    return f"""
+name = "{name}"
+[[models]]
+preset = "test-micro"
+[data]
+kind = "synthetic"
+synthetic_tokens = {tokens}
+[grid]
+lr = {lrs}
+batch_size = {batches}
+horizons_tokens = [{horizon}]
+[train]
+log_every = 4
+val_tokens = 256
+threads = 1
+{train}
+[resources]
+{resources}
+[backend]
+name = "{backend}"
+stale_after_s = 600
+"""

@@ -16,10 +16,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-from sweep_cli import Sweep, all_in, logged_steps, steps_after, wait_for
+from sweep_cli import Sweep, all_in, logged_steps, micro_spec, steps_after, wait_for
 
 pytest.importorskip("ray.tune", reason="ray[tune] is not installed")
 
@@ -87,43 +88,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def spec_text(
-    name: str,
-    *,
-    horizon: int = 2048,
-    lrs: str = "[0.0078125, 0.03125]",
-    batches: str = "[4, 8]",
-    tokens: int = 200_000,
-    resources: str = "",
-    train: str = "",
-    max_concurrent: int = 2,
-) -> str:
+def spec_text(name: str, *, resources: str = "", max_concurrent: int = 2, **kw: Any) -> str:
     """A tiny Ray sweep spec."""
-    return f"""
-name = "{name}"
-[[models]]
-preset = "test-micro"
-[data]
-kind = "synthetic"
-synthetic_tokens = {tokens}
-[grid]
-lr = {lrs}
-batch_size = {batches}
-horizons_tokens = [{horizon}]
-[train]
-log_every = 4
-val_tokens = 256
-threads = 1
-{train}
-[resources]
-ray_num_cpus = 1
-max_concurrent = {max_concurrent}
-max_retries = 2
-{resources}
-[backend]
-name = "ray"
-stale_after_s = 600
-"""
+    res = f"ray_num_cpus = 1\nmax_concurrent = {max_concurrent}\nmax_retries = 2\n{resources}"
+    return micro_spec(name, "ray", res, **kw)
 
 
 class RaySweep(Sweep):

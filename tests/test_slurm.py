@@ -16,10 +16,11 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-from sweep_cli import Sweep, all_in, logged_steps, losses, steps_after, wait_for
+from sweep_cli import Sweep, all_in, logged_steps, losses, micro_spec, steps_after, wait_for
 
 from sweeper.backends import LaunchOptions
 from sweeper.backends.slurm import (
@@ -66,42 +67,11 @@ def on_cluster(test: Callable[..., None]) -> Callable[..., None]:
 # ----------------------------------------------------------------------------------- utilities
 
 
-def spec_text(
-    name: str,
-    *,
-    horizon: int = 2048,
-    lrs: str = "[0.0078125, 0.03125]",
-    batches: str = "[4, 8]",
-    tokens: int = 200_000,
-    resources: str = "",
-    train: str = "",
-) -> str:
+def spec_text(name: str, *, resources: str = "", **kw: Any) -> str:
     """A tiny SLURM sweep spec."""
-    return f"""
-name = "{name}"
-[[models]]
-preset = "test-micro"
-[data]
-kind = "synthetic"
-synthetic_tokens = {tokens}
-[grid]
-lr = {lrs}
-batch_size = {batches}
-horizons_tokens = [{horizon}]
-[train]
-log_every = 4
-val_tokens = 256
-threads = 1
-{train}
-[resources]
-cpus_per_task = 1
-mem_gb = 1
-time_min = 30
-{resources}
-[backend]
-name = "slurm"
-stale_after_s = 600
-"""
+    return micro_spec(
+        name, "slurm", f"cpus_per_task = 1\nmem_gb = 1\ntime_min = 30\n{resources}", **kw
+    )
 
 
 @pytest.fixture(scope="module")
