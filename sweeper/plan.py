@@ -17,6 +17,7 @@ a new horizon makes a new trunk (the old trunk lacks the checkpoint to branch fr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -104,7 +105,9 @@ def log2_tag(x: float) -> str:
     return f"{x:.4g}"
 
 
+@functools.cache
 def tokens_tag(d: int) -> str:
+    """``2^20`` for powers of two, else the number."""
     e = math.log2(d)
     return f"2^{int(e)}" if e.is_integer() else str(d)
 
@@ -173,8 +176,9 @@ class _Canon:
             )
         text = "".join(fmt)
         # Fields before the first lr take few distinct values (batch, horizons): hash that prefix
-        # once per distinct value and continue from a copy of the hash state.
-        cut = text.index("{optim__")
+        # once per distinct value and continue from a copy of the hash state. A branch's fields
+        # (its trunk's run dir) sort before them and differ per run, so its prefix ends there.
+        cut = text.index("{branch__") if "{branch__" in text else text.index("{optim__")
         self.prefix, self.suffix = text[:cut], text[cut:]
         keys = [f[1] for f in string.Formatter().parse(self.prefix) if f[1]]
         self._prefix_key = operator.itemgetter(*keys) if keys else (lambda _values: ())
@@ -341,7 +345,7 @@ class _Planner:
             bslug = f"{slug}_D{tokens_tag(d)}"
             values = self._values(p, [d])
             values["schedule__total_steps"] = str(d // tps)
-            values["branch__run_dir"] = json.dumps(f"runs/{tid}")
+            values["branch__run_dir"] = f'"runs/{tid}"'  # ids are [A-Za-z0-9_.^-]: JSON-safe
             values["branch__step"] = str(points[d])
             bid = f"{bslug}-{canon['branch'].hash8(values)}"
             derived = self._derived(p, [d], points[d] * tps)
