@@ -1,11 +1,43 @@
 """sweeper: plan, run (local, SLURM, Ray), collect and analyse learning-rate x batch-size x
 token-budget sweeps of Scion-trained language models.
 
-The command line is ``sweeper`` (:mod:`sweeper.cli`); the library entry points are
-:func:`sweeper.spec.load_spec`, :func:`sweeper.plan.plan_sweep`, :class:`sweeper.store.SweepStore`
-and :func:`sweeper.worker.run_trial`.
+The library API (the ``sweeper`` command line is a thin layer over it)::
+
+    from sweeper import Sweep, load_spec, plan
+    spec = load_spec("sweeps/demo.toml")
+    runs = plan(spec)                                   # list[RunRecord], nothing written
+    sweep = Sweep.create(spec)                          # results/demo
+    report = sweep.launch(max_parallel=2)
+    sweep.collect()
+    horizons = sweep.table("horizons")
+    analysis = sweep.analyze()
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from sweeper.errors import BackendError, SpecError, StoreError, SweepError
+from sweeper.records import Resources, RunEvent, RunKind, RunRecord, RunState
+from sweeper.spec import SweepSpec, load_spec
+from sweeper.store import RunStatus
+from sweeper.sweep import LaunchReport, Sweep, plan
+
+__version__ = "0.2.0"
+
+__all__ = [
+    "BackendError",
+    "LaunchReport",
+    "Resources",
+    "RunEvent",
+    "RunKind",
+    "RunRecord",
+    "RunState",
+    "RunStatus",
+    "SpecError",
+    "StoreError",
+    "Sweep",
+    "SweepError",
+    "SweepSpec",
+    "__version__",
+    "load_spec",
+    "plan",
+]

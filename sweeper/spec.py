@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import stat
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sweeper.errors import SpecError
+from sweeper.records import Resources
 from trainer.config import (
     PRESETS,
     ConfigError,
@@ -35,7 +38,8 @@ from trainer.config import (
     model_from_preset,
 )
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # becomes a directory name
+DEFAULT_MAX_RUNS = 100_000
 _GRID_OWNED_OPTIM = ("lr",)
 _LR_SCALE_KEYS = ("lr_scale_in", "lr_scale_hidden", "lr_scale_out")
 # TrainConfig fields the spec sets elsewhere (grid, models, ...) and [train] may not.
@@ -56,49 +60,24 @@ _TRAIN_OWNED = {
 
 
 @dataclass(frozen=True, kw_only=True)
-class Resources:
-    """Compute per run (``[resources]``), read by every backend."""
-
-    nodes: int = 1
-    procs_per_node: int = 1  # ranks per node; torchrun when nodes * procs_per_node > 1
-    gpus_per_node: int = 0
-    cpus_per_task: int = 2
-    mem_gb: float = 8.0
-    time_min: int = 60
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    sbatch_extra: dict[str, Any] = field(default_factory=dict)  # extra sbatch options
-    array_parallelism: int = 64
-    runs_per_job: int = 1  # pack this many tiny runs into one job
-    ray_num_cpus: float = 1.0
-    ray_num_gpus: float = 0.0  # fractional allowed
-    max_concurrent: int = 0  # 0 = unlimited
-    max_retries: int = 2
-
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.procs_per_node
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True, kw_only=True)
 class BackendSettings:
-    """``[backend]``: which backend runs the sweep and how."""
+    """``[backend]``: which backend runs the sweep, plus every ``[backend.<name>]`` config given.
+
+    ``configs`` maps a backend name to its frozen config (see ``sweeper.backends``); a backend
+    without a table gets its defaults from :meth:`config`.
+    """
 
     name: str = "local"
-    max_parallel: int = 1
     command: tuple[str, ...] | None = None  # trainer command prefix, replaces `python -m trainer`
-    ray_address: str | None = None
     stale_after_s: float = 120.0
+    configs: tuple[tuple[str, Any], ...] = ()
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["command"] = list(self.command) if self.command else None
-        return d
+    def config(self, name: str | None = None) -> Any:
+        """The config of backend ``name`` (default: the sweep's)."""
+        from sweeper.backends import default_config
+
+        name = name or self.name
+        return dict(self.configs).get(name) or default_config(name)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,6 +129,8 @@ class SweepSpec:
     backend: BackendSettings
     resources: Resources
     description: str = ""
+    max_runs: int = DEFAULT_MAX_RUNS
+    text: str = ""  # the TOML it was read from (stored as the sweep's spec.toml)
 
     def model(self, name: str) -> ModelSpec:
         for m in self.models:
@@ -159,6 +140,25 @@ class SweepSpec:
 
     def model_names(self) -> str:
         return ", ".join(m.name for m in self.models)
+
+    def check_batch(self, model: ModelSpec, batch: int, file: str, key: str) -> None:
+        """SpecError unless every horizon is whole steps at ``batch`` and a run of ``model`` at
+        this batch size is a valid TrainConfig for the world size."""
+        tps = batch * model.config.seq_len
+        for d in self.grid.horizons_tokens:
+            if d % tps:
+                raise SpecError(
+                    file,
+                    key,
+                    batch,
+                    f"horizon {d} is not a multiple of batch_size*seq_len = "
+                    f"{batch}*{model.config.seq_len} = {tps} (model {model.name})",
+                )
+        cfg = dataclasses.replace(self.base_train(model), batch_size=batch)
+        try:
+            cfg.validate(world_size=self.resources.world_size)
+        except ConfigError as e:
+            raise SpecError(file, f"models.{model.name}", message=str(e)) from None
 
     def base_train(self, model: ModelSpec) -> TrainConfig:
         """The TrainConfig shared by every run of ``model`` (axes at their first value)."""
@@ -188,32 +188,72 @@ _TOP_KEYS = {
     "train",
     "backend",
     "resources",
+    "max_runs",
 }
+
+
+MAX_SPEC_BYTES = 1 << 20
+MAX_DEPTH = 8  # tables within tables; a real spec uses 3
 
 
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a spec file.
 
+    The file must be a regular file of at most 1 MiB (a FIFO or a device is refused before it is
+    opened, so nothing blocks or fills memory).
+
     Raises:
         SpecError: on a missing file, bad TOML or any bad key/value (one line).
     """
     path = Path(path)
+    return parse_spec_text(read_spec_file(path), str(path))
+
+
+def read_spec_file(path: Path) -> str:
+    """The text of a spec file, checked to be a small regular UTF-8 file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        st = os.stat(path)
     except FileNotFoundError:
         raise SpecError(str(path), None, message="no such spec file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(str(path), None, message=f"cannot read: {e}") from None
-    return parse_spec_text(text, str(path))
+    except OSError as e:
+        raise SpecError(str(path), None, message=f"cannot read: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SpecError(str(path), None, message="not a regular file")
+    if st.st_size > MAX_SPEC_BYTES:
+        raise SpecError(str(path), None, message=f"larger than {MAX_SPEC_BYTES} bytes")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)
+        if len(data) > MAX_SPEC_BYTES:
+            raise SpecError(str(path), None, message=f"larger than {MAX_SPEC_BYTES} bytes")
+        return data.decode("utf-8")
+    except OSError as e:
+        raise SpecError(str(path), None, message=f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise SpecError(str(path), None, message="not UTF-8 text") from None
 
 
 def parse_spec_text(text: str, file: str) -> SweepSpec:
     """Validate spec TOML text (``file`` only names it in errors)."""
+    if "\0" in text:
+        raise SpecError(file, None, message="bad TOML: contains a NUL character")
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise SpecError(file, None, message=f"bad TOML: {e}") from None
-    return parse_spec(raw, file)
+    except RecursionError:
+        raise SpecError(file, None, message=f"nested deeper than {MAX_DEPTH} levels") from None
+    _check_depth(raw, file, "", 0)
+    return dataclasses.replace(parse_spec(raw, file), text=text)
+
+
+def _check_depth(node: Any, file: str, where: str, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise SpecError(file, where, message=f"nested deeper than {MAX_DEPTH} levels")
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    for k, v in items:
+        if isinstance(v, dict | list):
+            _check_depth(v, file, f"{where}.{k}" if where else str(k), depth + 1)
 
 
 def parse_spec(raw: dict[str, Any], file: str) -> SweepSpec:
@@ -221,7 +261,7 @@ def parse_spec(raw: dict[str, Any], file: str) -> SweepSpec:
     _no_unknown(raw, _TOP_KEYS, "", file)
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise SpecError(file, "name", name, "required; letters, digits and _.- only (max 64)")
+        raise SpecError(file, "name", name, "required; letters, digits, _ and - only (max 64)")
     description = raw.get("description", "")
     if not isinstance(description, str):
         raise SpecError(file, "description", description, "expected a string")
@@ -261,9 +301,35 @@ def parse_spec(raw: dict[str, Any], file: str) -> SweepSpec:
         window=_window(raw, file),
         backend=_backend(_table(raw, "backend", file), file),
         resources=_resources(_table(raw, "resources", file), file),
+        max_runs=_int_in(raw.get("max_runs", DEFAULT_MAX_RUNS), "max_runs", file, 1, 10_000_000),
     )
+    _check_run_count(spec)
     _validate_runs(spec)
     return spec
+
+
+def _check_run_count(spec: SweepSpec) -> None:
+    """Refuse a grid past ``max_runs`` before anything is expanded (a typo in an axis would
+    otherwise plan for minutes and submit millions of jobs)."""
+    g = spec.grid
+    lrs = len(g.lr) if spec.window is None else min(len(g.lr), 2 * spec.window.k + 1)
+    per_point = {"constant": 1, "cosine": len(g.horizons_tokens)}.get(
+        spec.schedule.kind, 1 + len(g.horizons_tokens)
+    )
+    axes = {
+        "models": len(spec.models),
+        "lr": lrs,
+        "batch_size": len(g.batch_size),
+        "seeds": len(g.seeds),
+        "lr_scales": len(g.lr_scales),
+        f"runs per point ({spec.schedule.kind})": per_point,
+    }
+    total = math.prod(axes.values())
+    if total > spec.max_runs:
+        sizes = " x ".join(f"{n} {k}" for k, n in axes.items())
+        raise SpecError(
+            spec.file, "grid", f"{total} runs", f"{sizes}; more than max_runs = {spec.max_runs}"
+        )
 
 
 # ------------------------------------------------------------------------------------- sections
@@ -313,7 +379,7 @@ def _models(raw: Any, file: str) -> tuple[ModelSpec, ...]:
             )
         name = entry.pop("name", preset)
         if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise SpecError(file, f"{key}.name", name, "letters, digits and _.- only (max 64)")
+            raise SpecError(file, f"{key}.name", name, "letters, digits, _ and - only (max 64)")
         if name in seen:
             raise SpecError(file, f"{key}.name", name, "duplicate model name")
         seen.add(name)
@@ -332,7 +398,7 @@ _GRID_KEYS = {"lr", "batch_size", "horizons_tokens", "log2_horizons", "seeds", "
 def _grid(raw: dict[str, Any], file: str, optim: OptimConfig) -> Grid:
     _no_unknown(raw, _GRID_KEYS, "grid.", file)
     lr = _lr_axis(raw.get("lr"), file)
-    batch = _int_list(raw.get("batch_size"), "grid.batch_size", file, minimum=1)
+    batch = _list(raw.get("batch_size"), "grid.batch_size", file, batch_value)
     if "horizons_tokens" in raw and "log2_horizons" in raw:
         raise SpecError(
             file,
@@ -341,13 +407,11 @@ def _grid(raw: dict[str, Any], file: str, optim: OptimConfig) -> Grid:
             "give horizons_tokens or log2_horizons, not both",
         )
     if "log2_horizons" in raw:
-        exps = _int_list(raw["log2_horizons"], "grid.log2_horizons", file, minimum=1)
-        if max(exps) > 62:
-            raise SpecError(file, "grid.log2_horizons", max(exps), "must be <= 62")
+        exps = _list(raw["log2_horizons"], "grid.log2_horizons", file, _log2_horizon)
         horizons = tuple(2**e for e in exps)
     else:
-        horizons = _int_list(raw.get("horizons_tokens"), "grid.horizons_tokens", file, minimum=1)
-    seeds = _int_list(raw.get("seeds", [30]), "grid.seeds", file, minimum=0)
+        horizons = _list(raw.get("horizons_tokens"), "grid.horizons_tokens", file, _horizon)
+    seeds = _list(raw.get("seeds", [30]), "grid.seeds", file, seed_value)
     scales = ((optim.lr_scale_in, optim.lr_scale_hidden, optim.lr_scale_out),)
     if "lr_scales" in raw:
         scales = _lr_scales(raw["lr_scales"], file)
@@ -360,70 +424,114 @@ def _grid(raw: dict[str, Any], file: str, optim: OptimConfig) -> Grid:
     )
 
 
+# ---- axis values: the spec's grid and extra_points.json share these validators
+
+LOG2_LR_RANGE = (-40.0, 10.0)  # 2^-40 .. 2^10: beyond it a rate is a typo (or underflows)
+MAX_BATCH = 1 << 24
+MAX_HORIZON_LOG2 = 62
+
+
+def number(v: Any, key: str, file: str) -> float:
+    """A finite number (bools are not numbers)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise SpecError(file, key, v, "expected a number")
+    if not math.isfinite(v) or abs(v) > 1e300:
+        raise SpecError(file, key, v, "must be a finite number")
+    return float(v)
+
+
+def lr_value(v: Any, key: str, file: str) -> float:
+    """A learning rate: finite, > 0, within 2^-40..2^10."""
+    lr = number(v, key, file)
+    lo, hi = LOG2_LR_RANGE
+    if not (lr > 0 and lo <= math.log2(lr) <= hi):
+        raise SpecError(file, key, v, f"must be a learning rate in 2^{lo:g}..2^{hi:g}")
+    return lr
+
+
+def batch_value(v: Any, key: str, file: str) -> int:
+    """A global batch size in sequences: an integer in 1..2^24."""
+    return _int_in(v, key, file, 1, MAX_BATCH)
+
+
+def seed_value(v: Any, key: str, file: str) -> int:
+    """A seed: an integer in 0..2^31-1."""
+    return _int_in(v, key, file, 0, 2**31 - 1)
+
+
+def lr_scales_value(v: Any, key: str, file: str) -> tuple[float, float, float]:
+    """Per-group rate ratios ``[in, hidden, out]``: finite numbers in (0, 2^20]."""
+    if not isinstance(v, list) or len(v) != 3:
+        raise SpecError(file, key, v, "must be [in, hidden, out]")
+    triple = tuple(number(x, key, file) for x in v)
+    if not all(0 < x <= 2**20 for x in triple):
+        raise SpecError(file, key, v, "ratios must be numbers in (0, 2^20]")
+    return triple  # type: ignore[return-value]
+
+
+def _horizon(v: Any, key: str, file: str) -> int:
+    return _int_in(v, key, file, 1, 2**MAX_HORIZON_LOG2)
+
+
+def _log2_horizon(v: Any, key: str, file: str) -> int:
+    return _int_in(v, key, file, 1, MAX_HORIZON_LOG2)
+
+
+def _int_in(v: Any, key: str, file: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise SpecError(file, key, v, "expected an integer")
+    if not lo <= v <= hi:
+        raise SpecError(file, key, v, f"must be in {lo}..{hi}")
+    return v
+
+
+def _list(raw: Any, key: str, file: str, value: Any) -> tuple[Any, ...]:
+    """A non-empty list of unique values, each checked by ``value(v, key, file)``, sorted."""
+    if not isinstance(raw, list) or not raw:
+        raise SpecError(file, key, raw, "expected a non-empty list")
+    if len(raw) > MAX_AXIS:
+        raise SpecError(file, key, f"{len(raw)} values", f"at most {MAX_AXIS} values per axis")
+    values = [value(v, key, file) for v in raw]
+    if len(set(values)) != len(values):
+        raise SpecError(file, key, raw, "duplicate values")
+    return tuple(sorted(values))
+
+
+MAX_AXIS = 10_000
+
+
 def _lr_axis(raw: Any, file: str) -> tuple[float, ...]:
     key = "grid.lr"
     if raw is None:
         raise SpecError(file, key, None, "required: a list or {log2_from, log2_to, log2_step}")
-    if isinstance(raw, dict):
-        _no_unknown(raw, {"log2_from", "log2_to", "log2_step"}, "grid.lr.", file)
-        lo, hi, step = (
-            _number(raw.get(k), f"{key}.{k}", file) for k in ("log2_from", "log2_to", "log2_step")
-        )
-        if not step > 0:
-            raise SpecError(file, f"{key}.log2_step", step, "must be > 0")
-        if hi < lo:
-            raise SpecError(file, f"{key}.log2_to", hi, f"must be >= log2_from = {lo}")
-        n = int(math.floor((hi - lo) / step + 1e-9)) + 1
-        if n > 10_000:
-            raise SpecError(file, key, raw, f"{n} grid points; at most 10000")
-        return tuple(2.0 ** (lo + i * step) for i in range(n))
-    if not isinstance(raw, list) or not raw:
-        raise SpecError(
-            file, key, raw, "expected a non-empty list or {log2_from, log2_to, log2_step}"
-        )
-    values = [_number(v, key, file) for v in raw]
-    for v in values:
-        if not (math.isfinite(v) and v > 0):
-            raise SpecError(file, key, v, "every learning rate must be a finite number > 0")
-    if len(set(values)) != len(values):
-        raise SpecError(file, key, raw, "duplicate learning rates")
-    return tuple(sorted(values))
+    if not isinstance(raw, dict):
+        return _list(raw, key, file, lr_value)
+    _no_unknown(raw, {"log2_from", "log2_to", "log2_step"}, "grid.lr.", file)
+    lo_, hi_ = LOG2_LR_RANGE
+    lo, hi, step = (
+        number(raw.get(k), f"{key}.{k}", file) for k in ("log2_from", "log2_to", "log2_step")
+    )
+    for k, v in (("log2_from", lo), ("log2_to", hi)):
+        if not lo_ <= v <= hi_:
+            raise SpecError(file, f"{key}.{k}", v, f"must be in {lo_:g}..{hi_:g}")
+    if not step > 0:
+        raise SpecError(file, f"{key}.log2_step", step, "must be > 0")
+    if hi < lo:
+        raise SpecError(file, f"{key}.log2_to", hi, f"must be >= log2_from = {lo}")
+    n = int(math.floor((hi - lo) / step + 1e-9)) + 1
+    if n > MAX_AXIS:
+        raise SpecError(file, key, raw, f"{n} grid points; at most {MAX_AXIS}")
+    return tuple(2.0 ** (lo + i * step) for i in range(n))
 
 
 def _lr_scales(raw: Any, file: str) -> tuple[tuple[float, float, float], ...]:
     key = "grid.lr_scales"
     if not isinstance(raw, list) or not raw:
         raise SpecError(file, key, raw, "expected a non-empty list of [in, hidden, out] ratios")
-    out = []
-    for item in raw:
-        if not isinstance(item, list) or len(item) != 3:
-            raise SpecError(file, key, item, "each entry must be [in, hidden, out]")
-        triple = tuple(_number(v, key, file) for v in item)
-        if not all(math.isfinite(v) and v > 0 for v in triple):
-            raise SpecError(file, key, item, "ratios must be finite numbers > 0")
-        out.append(triple)
+    out = [lr_scales_value(item, key, file) for item in raw]
     if len(set(out)) != len(out):
         raise SpecError(file, key, raw, "duplicate entries")
-    return tuple(out)  # type: ignore[return-value]
-
-
-def _number(v: Any, key: str, file: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise SpecError(file, key, v, "expected a number")
-    return float(v)
-
-
-def _int_list(raw: Any, key: str, file: str, minimum: int) -> tuple[int, ...]:
-    if not isinstance(raw, list) or not raw:
-        raise SpecError(file, key, raw, "expected a non-empty list of integers")
-    for v in raw:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise SpecError(file, key, v, "expected an integer")
-        if v < minimum:
-            raise SpecError(file, key, v, f"must be >= {minimum}")
-    if len(set(raw)) != len(raw):
-        raise SpecError(file, key, raw, "duplicate values")
-    return tuple(sorted(raw))
+    return tuple(out)
 
 
 def _train(raw: dict[str, Any], file: str) -> dict[str, Any]:
@@ -446,36 +554,40 @@ def _window(raw: dict[str, Any], file: str) -> LawWindow | None:
             raise SpecError(
                 file, f"window.{k}", None, "required (log2 lr* = a*log2 B + b*log2 D + c)"
             )
-    a, b, c = (_number(table[k], f"window.{k}", file) for k in ("a", "b", "c"))
+    a, b, c = (number(table[k], f"window.{k}", file) for k in ("a", "b", "c"))
     k = table.get("k", 4)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise SpecError(file, "window.k", k, "expected an integer >= 0")
+    k = _int_in(k, "window.k", file, 0, 1000)
     return LawWindow(a=a, b=b, c=c, k=k)
 
 
 def _backend(raw: dict[str, Any], file: str) -> BackendSettings:
-    known = {f.name for f in dataclasses.fields(BackendSettings)}
-    _no_unknown(raw, known, "backend.", file)
-    raw = dict(raw)
-    name = raw.get("name", "local")
-    from sweeper.backends import BACKENDS
+    from sweeper.backends import BACKENDS, parse_config
 
+    known = {"name", "command", "stale_after_s", *BACKENDS}
+    _no_unknown(raw, known, "backend.", file)
+    name = raw.get("name", "local")
     if name not in BACKENDS:
         raise SpecError(
             file, "backend.name", name, f"unknown backend (known: {', '.join(BACKENDS)})"
         )
     cmd = raw.get("command")
-    if cmd is not None:
-        if not isinstance(cmd, list) or not cmd or not all(isinstance(c, str) and c for c in cmd):
-            raise SpecError(file, "backend.command", cmd, "expected a non-empty list of strings")
-        raw["command"] = tuple(cmd)
-    _check_types(BackendSettings, raw, "backend", file)
-    settings = BackendSettings(**raw)
-    if settings.max_parallel < 1:
-        raise SpecError(file, "backend.max_parallel", settings.max_parallel, "must be >= 1")
-    if not settings.stale_after_s > 0:
-        raise SpecError(file, "backend.stale_after_s", settings.stale_after_s, "must be > 0")
-    return settings
+    if cmd is not None and (
+        not isinstance(cmd, list) or not cmd or not all(isinstance(c, str) and c for c in cmd)
+    ):
+        raise SpecError(file, "backend.command", cmd, "expected a non-empty list of strings")
+    stale = raw.get("stale_after_s", 120.0)
+    if isinstance(stale, bool) or not isinstance(stale, int | float) or not 0 < stale < 1e9:
+        raise SpecError(file, "backend.stale_after_s", stale, "must be a number of seconds > 0")
+    for b in BACKENDS:
+        if b in raw and not isinstance(raw[b], dict):
+            raise SpecError(file, f"backend.{b}", raw[b], "expected a table")
+    configs = tuple((b, parse_config(b, raw[b], file)) for b in BACKENDS if b in raw)
+    return BackendSettings(
+        name=name,
+        command=tuple(cmd) if cmd else None,
+        stale_after_s=float(stale),
+        configs=configs,
+    )
 
 
 def _resources(raw: dict[str, Any], file: str) -> Resources:
@@ -484,24 +596,18 @@ def _resources(raw: dict[str, Any], file: str) -> Resources:
     raw = dict(raw)
     _check_types(Resources, raw, "resources", file)
     res = Resources(**raw)
-    for k in (
-        "nodes",
-        "procs_per_node",
-        "cpus_per_task",
-        "time_min",
-        "array_parallelism",
-        "runs_per_job",
-    ):
-        if getattr(res, k) < 1:
-            raise SpecError(file, f"resources.{k}", getattr(res, k), "must be >= 1")
-    for k in ("gpus_per_node", "max_concurrent", "max_retries"):
-        if getattr(res, k) < 0:
-            raise SpecError(file, f"resources.{k}", getattr(res, k), "must be >= 0")
-    for k in ("mem_gb", "ray_num_cpus", "ray_num_gpus"):
+    for k in ("nodes", "procs_per_node", "cpus_per_task", "time_min"):
         v = getattr(res, k)
-        if not (math.isfinite(v) and v >= 0) or (k == "mem_gb" and v == 0):
-            raise SpecError(file, f"resources.{k}", v, "must be a finite number > 0")
+        if not 1 <= v <= _RESOURCE_MAX[k]:
+            raise SpecError(file, f"resources.{k}", v, f"must be in 1..{_RESOURCE_MAX[k]}")
+    if not 0 <= res.gpus_per_node <= 64:
+        raise SpecError(file, "resources.gpus_per_node", res.gpus_per_node, "must be in 0..64")
+    if not (math.isfinite(res.mem_gb) and 0.25 <= res.mem_gb <= 1 << 20):
+        raise SpecError(file, "resources.mem_gb", res.mem_gb, "must be a number of GB >= 0.25")
     return res
+
+
+_RESOURCE_MAX = {"nodes": 4096, "procs_per_node": 64, "cpus_per_task": 1024, "time_min": 525_600}
 
 
 _SCALAR_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
@@ -539,24 +645,9 @@ def _check_types(cls: type, raw: dict[str, Any], where: str, file: str) -> None:
 def _validate_runs(spec: SweepSpec) -> None:
     """Validate one full TrainConfig per (model, batch size) and each lr once: together that covers
     every run the planner makes, without paying full validation per run."""
-    world = spec.resources.world_size
     for model in spec.models:
         for batch in spec.grid.batch_size:
-            tps = batch * model.config.seq_len
-            for d in spec.grid.horizons_tokens:
-                if d % tps:
-                    raise SpecError(
-                        spec.file,
-                        "grid.horizons_tokens",
-                        d,
-                        f"not a multiple of batch_size*seq_len = {batch}*{model.config.seq_len} "
-                        f"= {tps} (model {model.name})",
-                    )
-            cfg = dataclasses.replace(spec.base_train(model), batch_size=batch)
-            try:
-                cfg.validate(world_size=world)
-            except ConfigError as e:
-                raise SpecError(spec.file, f"models.{model.name}", message=str(e)) from None
+            spec.check_batch(model, batch, spec.file, "grid.batch_size")
             if spec.schedule.kind == "wsd":
                 _check_branch_points(spec, model, batch)
 

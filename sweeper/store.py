@@ -3,65 +3,61 @@
 Layout::
 
     <sweep>/spec.toml  plan.json  extra_points.json  .lock
-    <sweep>/runs/<id>/run.json  events.jsonl  heartbeat  .lock  stdout.log  stderr.log  ...
+    <sweep>/runs/<id>/run.json  events.jsonl  heartbeat  horizons.json  .lock  stdout.log ...
 
 A run's state is derived from its append-only ``events.jsonl`` plus the ``heartbeat`` mtime, so any
 number of processes (launchers, workers on cluster nodes, ``sweeper status``) can read it without a
-server. Every JSON file is written to a temp file and ``os.replace``d; events are appended under an
-exclusive ``fcntl`` lock, flushed and fsync'd.
+server. ``run.json`` is written once and never edited. Events are appended under an exclusive
+``fcntl`` lock, flushed and fsync'd.
+
+Damage stays with its run: a malformed event line, a missing or corrupt ``run.json`` or a run
+directory that is a symlink makes that run's state ``error`` with the reason, never the sweep's.
+Nothing here follows a symlink out of the sweep: files a run directory receives are opened with
+``O_NOFOLLOW``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
-import re
 import socket
-import tempfile
+import stat
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from enum import StrEnum
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
+
+import orjson
 
 from sweeper.errors import StoreError
+from sweeper.fsutil import (  # noqa: F401 - re-exported for callers of the store
+    atomic_write,
+    read_json,
+    write_json_atomic,
+    write_text_atomic,
+)
+from sweeper.records import (
+    SAFE_NAME,
+    RecordError,
+    RunEvent,
+    RunRecord,
+    RunState,
+    attempts,
+    check_name,
+    derive_state,
+)
 
 EVENTS = "events.jsonl"
 HEARTBEAT = "heartbeat"
 RECORD = "run.json"
+HORIZONS = "horizons.json"  # horizons added after the record was written (a sidecar, union only)
 PLAN = "plan.json"
 DEFAULT_STALE_AFTER_S = 120.0
+MAX_EVENTS_BYTES = 16 << 20  # an events file past this is damage, not history
 
-# Run ids are slugs plus a hash; anything else (slashes, "..", leading dots) could escape runs/.
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.^+=-]{0,199}")
-
-
-class RunState(StrEnum):
-    """Lifecycle of a run. ``STALE`` is derived from the heartbeat and never written."""
-
-    PLANNED = "planned"
-    SUBMITTED = "submitted"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    DIVERGED = "diverged"
-    CANCELLED = "cancelled"
-    STALE = "stale"
-
-    def is_finished(self) -> bool:
-        """True for terminal states (nothing is running or queued for the run)."""
-        return self in _FINISHED
-
-    def is_active(self) -> bool:
-        """True while a backend owns the run (queued or running, heartbeat fresh)."""
-        return self in (RunState.SUBMITTED, RunState.RUNNING)
-
-
-_FINISHED = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.DIVERGED, RunState.CANCELLED})
-_WRITABLE = {s.value for s in RunState} - {"planned", "stale"}
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -71,199 +67,159 @@ class RunStatus:
     run_id: str
     state: RunState
     attempt: int = 0
-    last_event: dict[str, Any] = field(default_factory=dict)
+    last_event: RunEvent | None = None
     heartbeat_age_s: float | None = None
-    where: dict[str, Any] | None = None  # host/pid/job_id of the latest event that names a host
+    where: RunEvent | None = None  # the latest event that names a host
+    error: str | None = None  # why the run is in state ``error``
 
     @property
     def reason(self) -> str | None:
-        return self.last_event.get("reason")
+        if self.error is not None:
+            return self.error
+        return self.last_event.reason if self.last_event else None
 
     @property
     def exit_code(self) -> int | None:
-        return self.last_event.get("exit_code")
+        return self.last_event.exit_code if self.last_event else None
+
+    @property
+    def backend(self) -> str | None:
+        """The backend of the latest event that names one."""
+        for ev in (self.last_event, self.where):
+            if ev is not None and ev.backend:
+                return ev.backend
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """Flat dict for JSON/CSV listings."""
-        ev = self.last_event
-        where = self.where or {}
+        ev, where = self.last_event, self.where
         return {
             "run_id": self.run_id,
             "state": self.state.value,
             "attempt": self.attempt,
-            "backend": ev.get("backend") or where.get("backend"),
-            "job_id": ev.get("job_id") or where.get("job_id"),
-            "host": where.get("host"),
-            "pid": where.get("pid"),
-            "exit_code": ev.get("exit_code"),
-            "reason": ev.get("reason"),
-            "updated": ev.get("ts"),
+            "backend": self.backend,
+            "job_id": (ev and ev.job_id) or (where and where.job_id),
+            "host": where.host if where else None,
+            "pid": where.pid if where else None,
+            "exit_code": self.exit_code,
+            "reason": self.reason,
+            "updated": ev.ts if ev else None,
             "heartbeat_age_s": None
             if self.heartbeat_age_s is None
             else round(self.heartbeat_age_s, 1),
         }
 
 
-# --------------------------------------------------------------------------------------- atomic I/O
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """Write a file atomically: ``write(f)`` fills a temp file in the same directory, which is
-    flushed, fsync'd and ``os.replace``d onto ``path``, so readers see the old file or the new one.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    data = text.encode("utf-8")
-    atomic_write(path, lambda f: f.write(data))
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
-
-
-def read_json(path: Path) -> Any:
-    """Read a JSON file; StoreError naming the file if it is missing or corrupt."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StoreError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{path}: corrupt JSON ({e})") from None
-
-
 # ------------------------------------------------------------------------------------------- events
 
 
-def read_events(run_dir: Path) -> list[dict[str, Any]]:
-    """All state events of a run, oldest first.
+@dataclass(frozen=True)
+class EventLog:
+    """A run's parsed events, and the first damage found (a well-formed JSON line that is not a
+    valid event, or an unreadable file). Unparsable lines are torn writes and are skipped."""
 
-    A torn last line (a writer killed mid-append) and any unparsable line are skipped, so a reader
-    never fails on a half-written file.
-    """
+    events: list[RunEvent]
+    error: str | None = None
+
+
+def read_event_log(run_dir: str | Path) -> EventLog:
+    """All state events of a run, oldest first; never raises."""
+    path = os.path.join(run_dir, EVENTS)
     try:
-        with open(os.path.join(run_dir, EVENTS), "rb") as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
     except FileNotFoundError:
-        return []
-    events = []
-    for line in data.splitlines():
+        return EventLog([])
+    except OSError as e:
+        return EventLog([], f"{EVENTS}: cannot read ({e.strerror})")
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return EventLog([], f"{EVENTS}: not a regular file")
+        data = f.read(MAX_EVENTS_BYTES + 1)
+    if len(data) > MAX_EVENTS_BYTES:
+        return EventLog([], f"{EVENTS}: larger than {MAX_EVENTS_BYTES} bytes")
+    events: list[RunEvent] = []
+    for n, line in enumerate(data.splitlines(), 1):
         try:
-            ev = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if type(ev) is dict and type(ev.get("state")) is str:
-            events.append(ev)
-    return events
+            raw = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue  # a torn write (a writer killed mid-line)
+        try:
+            events.append(RunEvent.from_dict(raw))
+        except RecordError as e:
+            return EventLog(events, f"{EVENTS} line {n}: {e}")
+    return EventLog(events)
 
 
-def append_event(run_dir: Path, state: str | RunState, **fields: Any) -> dict[str, Any]:
+def read_events(run_dir: str | Path) -> list[RunEvent]:
+    """The run's valid events (see :func:`read_event_log`)."""
+    return read_event_log(run_dir).events
+
+
+def append_event(run_dir: str | Path, state: str | RunState, **fields: Any) -> RunEvent:
     """Append one state event under an exclusive lock, flushed and fsync'd.
 
     ``ts`` is added; ``attempt`` defaults to the attempt of the latest ``running`` event (plus one
     when ``state`` is ``running``). Fields that are None are left out.
 
-    Returns:
-        The event as written.
+    Raises:
+        StoreError: a derived state, or an events file that is not a regular file.
     """
-    state = RunState(state).value
-    if state not in _WRITABLE:
-        raise StoreError(f"{run_dir}: state {state!r} is derived and cannot be written")
-    path = Path(run_dir) / EVENTS
-    with open(path, "a+b") as f:
+    state = RunState(state)
+    if not state.is_written():
+        raise StoreError(f"{run_dir}: state {state.value!r} is derived and cannot be written")
+    path = os.path.join(run_dir, EVENTS)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | _NOFOLLOW, 0o666)
+    except OSError as e:
+        raise StoreError(f"{path}: cannot append ({e.strerror})") from None
+    with os.fdopen(fd, "r+b") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StoreError(f"{path}: not a regular file")
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            if "attempt" not in fields or fields["attempt"] is None:
-                f.seek(0)
-                prior = _attempts(f.read())
-                fields["attempt"] = prior + 1 if state == "running" else prior
-            event = {"ts": round(time.time(), 3), "state": state}
-            event.update({k: v for k, v in fields.items() if v is not None})
-            line = json.dumps(event, separators=(",", ":")) + "\n"
-            f.seek(0, os.SEEK_END)
-            if f.tell() and not _ends_with_newline(f):
-                line = "\n" + line  # a torn last line must not swallow this event
-            f.write(line.encode())
-            f.flush()
-            os.fsync(f.fileno())
+            if fields.get("attempt") is None:
+                prior = attempts(read_events(run_dir))
+                fields["attempt"] = prior + 1 if state == RunState.RUNNING else prior
+            event = RunEvent(ts=round(time.time(), 3), state=state, **fields)
+            line = orjson.dumps(event.to_dict()) + b"\n"
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line  # a torn last line must not swallow this event
+            os.write(fd, line)
+            os.fsync(fd)
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
     return event
 
 
-def _ends_with_newline(f: Any) -> bool:
-    f.seek(-1, os.SEEK_END)
-    last = f.read(1)
-    f.seek(0, os.SEEK_END)
-    return last == b"\n"
-
-
-def _attempts(data: bytes) -> int:
-    n = 0
-    for line in data.splitlines():
-        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            ev = json.loads(line)
-            if ev.get("state") == "running":
-                n = max(n, int(ev.get("attempt") or 0))
-    return n
-
-
-def attempts(events: list[dict[str, Any]]) -> int:
-    """Number of attempts (``running`` events) so far."""
-    return max((int(e.get("attempt") or 0) for e in events if e["state"] == "running"), default=0)
-
-
-def derive_state(
-    events: list[dict[str, Any]],
-    heartbeat_mtime: float | None,
-    now: float,
-    stale_after_s: float,
-) -> str:
-    """The run's state from its events and heartbeat.
-
-    ``planned`` without events; otherwise the last event's state, except that a ``running`` run
-    whose heartbeat (or, before the first beat, its ``running`` event) is older than
-    ``stale_after_s`` is ``stale``.
-    """
-    if not events:
-        return RunState.PLANNED.value
-    last = events[-1]
-    state = last["state"]
-    if state == RunState.RUNNING.value:
-        beat = heartbeat_mtime if heartbeat_mtime is not None else float(last.get("ts", 0.0))
-        beat = max(beat, float(last.get("ts", 0.0)))
-        if now - beat > stale_after_s:
-            return RunState.STALE.value
-    return state if state in _WRITABLE else RunState.FAILED.value
-
-
-def heartbeat_mtime(run_dir: Path) -> float | None:
+def heartbeat_mtime(run_dir: str | Path) -> float | None:
     """mtime of the run's heartbeat file, None if there is none."""
     try:
-        return os.stat(os.path.join(run_dir, HEARTBEAT)).st_mtime
-    except FileNotFoundError:
+        return os.stat(os.path.join(run_dir, HEARTBEAT), follow_symlinks=False).st_mtime
+    except OSError:
         return None
+
+
+def open_in_run_dir(run_dir: str | Path, name: str, flags: int, mode: int = 0o666) -> int:
+    """``os.open`` a file of a run directory without following a symlink (OSError if it is one)."""
+    return os.open(os.path.join(run_dir, name), flags | _NOFOLLOW, mode)
+
+
+def touch(run_dir: str | Path, name: str) -> None:
+    """Create ``name`` or update its mtime, never through a symlink."""
+    fd = open_in_run_dir(run_dir, name, os.O_WRONLY | os.O_CREAT)
+    try:
+        os.utime(fd)
+    finally:
+        os.close(fd)
 
 
 def check_run_id(run_id: str) -> str:
     """Return ``run_id`` if it is a safe directory name; StoreError otherwise."""
-    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id) or ".." in run_id:
-        raise StoreError(f"run id {run_id!r}: not a valid run id (letters, digits, _.^+=- only)")
-    return run_id
+    try:
+        return check_name(run_id)
+    except RecordError as e:
+        raise StoreError(str(e)) from None
 
 
 # -------------------------------------------------------------------------------------------- store
@@ -275,7 +231,7 @@ class SweepStore:
     Args:
         root: The sweep directory (``results/<sweep>``).
         stale_after_s: Heartbeat age after which a running run counts as stale; None reads
-            ``backend.stale_after_s`` from ``plan.json`` (default 120 s).
+            ``stale_after_s`` from ``plan.json`` (default 120 s).
     """
 
     def __init__(self, root: Path, stale_after_s: float | None = None) -> None:
@@ -293,61 +249,109 @@ class SweepStore:
 
     def run_dir(self, run_id: str) -> Path:
         """Directory of run ``run_id``; StoreError for an id that would leave ``runs/``."""
-        path = self.runs_dir / check_run_id(run_id)
-        if path.parent != self.runs_dir:
-            raise StoreError(f"run id {run_id!r}: escapes {self.runs_dir}")
-        return path
+        return self.runs_dir / check_run_id(run_id)
 
     def run_ids(self) -> list[str]:
-        """Ids of every run with a record, sorted."""
+        """Ids of every run directory (with or without a record), sorted. Entries whose names are
+        not run ids (editor backups, stray files) are not runs and are ignored."""
         try:
-            names = os.listdir(self.runs_dir)
-        except FileNotFoundError:
+            entries = list(os.scandir(self.runs_dir))
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        base = str(self.runs_dir)
         return sorted(
-            n
-            for n in names
-            if _RUN_ID.fullmatch(n) and os.path.isfile(os.path.join(base, n, RECORD))
+            e.name
+            for e in entries
+            if SAFE_NAME.fullmatch(e.name) and ".." not in e.name and _is_dir_entry(e)
         )
 
     @property
     def stale_after_s(self) -> float:
         if self._stale_after_s is None:
-            try:
-                plan = read_json(self.root / PLAN)
-                self._stale_after_s = float(plan.get("backend", {}).get("stale_after_s"))
-            except (StoreError, TypeError, ValueError, AttributeError):
-                self._stale_after_s = DEFAULT_STALE_AFTER_S
+            self._stale_after_s = DEFAULT_STALE_AFTER_S
+            with contextlib.suppress(StoreError, TypeError, ValueError, AttributeError):
+                value = float(read_json(self.root / PLAN).get("stale_after_s"))
+                if value > 0:
+                    self._stale_after_s = value
         return self._stale_after_s
 
     # ---- records
-    def load_record(self, run_id: str) -> dict[str, Any]:
-        """The run record ``runs/<id>/run.json``."""
-        return read_json(self.run_dir(run_id) / RECORD)
+    def load_record(self, run_id: str) -> RunRecord:
+        """The run record ``runs/<id>/run.json``; StoreError naming the file if it is bad."""
+        path = self.run_dir(run_id) / RECORD
+        rd = self.run_dir(run_id)
+        if os.path.islink(rd):
+            raise StoreError(f"{rd}: is a symlink; run directories must be real directories")
+        raw = read_json(path)
+        try:
+            record = RunRecord.from_dict(raw)
+        except RecordError as e:
+            raise StoreError(f"{path}: {e}") from None
+        if record.id != run_id:
+            raise StoreError(f"{path}: id = {record.id!r}: does not match its directory")
+        return record
 
-    def write_record(self, record: dict[str, Any], *, overwrite: bool = False) -> bool:
-        """Create ``runs/<id>/run.json`` atomically.
-
-        An existing record is only replaced with ``overwrite=True`` (used to update a run's
-        horizon list, never its training config).
+    def write_record(self, record: RunRecord) -> bool:
+        """Create ``runs/<id>/run.json`` atomically; an existing record is never replaced.
 
         Returns:
             True if the record was written.
         """
-        rd = self.run_dir(record["id"])
+        rd = self.run_dir(record.id)
         path = rd / RECORD
-        if path.exists() and not overwrite:
+        if os.path.lexists(path):
             return False
         rd.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, record)
+        write_json_atomic(path, record.to_dict())
+        return True
+
+    def extra_horizons(self, run_id: str) -> tuple[int, ...]:
+        """Horizons added to a run after its record was written (``horizons.json``)."""
+        path = self.run_dir(run_id) / HORIZONS
+        if not os.path.lexists(path):
+            return ()
+        with contextlib.suppress(StoreError):
+            raw = read_json(path)
+            values = raw.get("horizons_tokens") if isinstance(raw, dict) else None
+            if isinstance(values, list) and all(type(v) is int and v > 0 for v in values):
+                return tuple(sorted(set(values)))
+        return ()
+
+    def add_horizons(self, run_id: str, horizons: tuple[int, ...]) -> bool:
+        """Union ``horizons`` into the run's ``horizons.json``; True if it grew."""
+        have = set(self.extra_horizons(run_id))
+        union = have | set(horizons)
+        if union == have:
+            return False
+        write_json_atomic(self.run_dir(run_id) / HORIZONS, {"horizons_tokens": sorted(union)})
         return True
 
     def load_plan(self) -> dict[str, Any]:
-        """``plan.json``; StoreError if this is not a sweep directory."""
+        """``plan.json`` with its ``runs`` checked; StoreError if it is missing or malformed."""
         if not self.exists():
             raise StoreError(f"{self.root}: not a sweep directory (no {PLAN})")
-        return read_json(self.root / PLAN)
+        path = self.root / PLAN
+        doc = read_json(path)
+        if not isinstance(doc, dict):
+            raise StoreError(f"{path}: expected a JSON object")
+        runs = doc.get("runs", [])
+        if not isinstance(runs, list) or not all(isinstance(r, str) for r in runs):
+            raise StoreError(f"{path}: runs = {str(runs)[:60]}: expected a list of run ids")
+        return doc
+
+    def plan_order(self) -> list[str]:
+        """Run ids in ``plan.json`` order (trunks before branches), then any others, sorted.
+
+        A damaged ``plan.json`` only loses the order: every run directory is still listed.
+        """
+        ids = self.run_ids()
+        try:
+            listed = self.load_plan()["runs"]
+        except StoreError:
+            listed = []
+        have = set(ids)
+        order = list(dict.fromkeys(r for r in listed if r in have))
+        seen = set(order)
+        return order + [r for r in ids if r not in seen]
 
     def write_plan(self, plan: dict[str, Any]) -> None:
         """Atomically write ``plan.json``."""
@@ -355,38 +359,71 @@ class SweepStore:
         write_json_atomic(self.root / PLAN, plan)
 
     # ---- state
-    def events(self, run_id: str) -> list[dict[str, Any]]:
-        """The run's events (see :func:`read_events`)."""
+    def events(self, run_id: str) -> list[RunEvent]:
+        """The run's valid events."""
         return read_events(self.run_dir(run_id))
 
-    def append_event(self, run_id: str, state: str | RunState, **fields: Any) -> dict[str, Any]:
+    def append_event(self, run_id: str, state: str | RunState, **fields: Any) -> RunEvent:
         """Append an event to run ``run_id`` (see :func:`append_event`)."""
         return append_event(self.run_dir(run_id), state, **fields)
 
+    def append_if(
+        self,
+        run_id: str,
+        state: RunState,
+        expect: RunEvent | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Append ``state`` unless a worker holds the run or its last event changed.
+
+        ``expect`` is the last event the caller decided on (None: any non-final one). Taking the
+        run's lock first means a worker cannot append an outcome between the check and this
+        append. Every backend's cancel and reconcile goes through here.
+
+        Returns:
+            True if the event was appended.
+        """
+        with self.run_lock(run_id, timeout_s=0) as got:
+            if not got:
+                return False
+            events = self.events(run_id)
+            last = events[-1] if events else None
+            if expect is not None and last != expect:
+                return False
+            if expect is None and last is not None and last.state.is_finished():
+                return False
+            self.append_event(run_id, state, **fields)
+            return True
+
     def status(self, run_id: str, now: float | None = None) -> RunStatus:
         """Current :class:`RunStatus` of one run."""
-        rd = self.run_dir(run_id)
-        return self._status(run_id, rd, time.time() if now is None else now)
+        return self._status(run_id, self.run_dir(run_id), time.time() if now is None else now)
 
-    def _status(self, run_id: str, rd: str | Path, now: float) -> RunStatus:
-        events = read_events(rd)
-        beat = heartbeat_mtime(rd) if events and events[-1]["state"] == "running" else None
-        state = RunState(derive_state(events, beat, now, self.stale_after_s))
+    def _status(self, run_id: str, rd: Path, now: float) -> RunStatus:
+        log = read_event_log(rd)
+        events = log.events
+        last = events[-1] if events else None
+        running = last is not None and last.state == RunState.RUNNING
+        beat = heartbeat_mtime(rd) if running else None
+        state = derive_state(events, beat, now, self.stale_after_s)
+        error = log.error or _record_problem(rd)
+        if error is not None and state != RunState.COMPLETED:
+            state = RunState.ERROR
         return RunStatus(
             run_id=run_id,
             state=state,
             attempt=attempts(events),
-            last_event=events[-1] if events else {},
-            heartbeat_age_s=None if beat is None else now - beat,
-            where=next((e for e in reversed(events) if "host" in e), None),
+            last_event=last,
+            heartbeat_age_s=None if beat is None else now - max(beat, last.ts if last else 0),
+            where=next((e for e in reversed(events) if e.host), None),
+            error=error if state == RunState.ERROR else None,
         )
 
     def statuses(self, run_ids: list[str] | None = None) -> dict[str, RunStatus]:
-        """Status of every run (or of ``run_ids``), keyed by id, in id order."""
+        """Status of every run (or of ``run_ids``), keyed by id, in the given order."""
         now = time.time()
         ids = self.run_ids() if run_ids is None else run_ids
-        base = str(self.runs_dir)
-        return {rid: self._status(rid, os.path.join(base, check_run_id(rid)), now) for rid in ids}
+        return {rid: self._status(rid, self.runs_dir / check_run_id(rid), now) for rid in ids}
 
     # ---- locking
     @contextlib.contextmanager
@@ -397,13 +434,55 @@ class SweepStore:
             timeout_s: Give up with StoreError after this long; None waits forever.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+b") as f:
-            if not try_flock(f.fileno(), timeout_s):
+        with _locked(self.root / ".lock", timeout_s) as got:
+            if not got:
                 raise StoreError(f"{self.root}: locked by another sweeper process")
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+            yield
+
+    @contextlib.contextmanager
+    def run_lock(self, run_id: str, timeout_s: float | None = 0) -> Iterator[bool]:
+        """The run's lock (held by its worker and trainer); yields False if not had in time."""
+        with _locked(self.run_dir(run_id) / ".lock", timeout_s) as got:
+            yield got
+
+
+@contextlib.contextmanager
+def _locked(path: Path, timeout_s: float | None) -> Iterator[bool]:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o666)
+    except OSError as e:
+        raise StoreError(f"{path}: cannot lock ({e.strerror})") from None
+    try:
+        got = try_flock(fd, timeout_s)
+        try:
+            yield got
+        finally:
+            if got:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _is_dir_entry(entry: os.DirEntry[str]) -> bool:
+    """A run directory, or a symlink (listed so that its status can say it is refused)."""
+    with contextlib.suppress(OSError):
+        return entry.is_dir(follow_symlinks=False) or entry.is_symlink()
+    return False
+
+
+def _record_problem(rd: Path) -> str | None:
+    """Why a run directory cannot be trusted (cheap checks only), or None."""
+    if os.path.islink(rd):
+        return "run directory is a symlink; refused"
+    try:
+        st = os.stat(rd / RECORD, follow_symlinks=False)
+    except FileNotFoundError:
+        return f"{RECORD} is missing"
+    except OSError as e:
+        return f"{RECORD}: {e.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{RECORD} is not a regular file"
+    return None
 
 
 def try_flock(fd: int, timeout_s: float | None) -> bool:
@@ -436,3 +515,25 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of process ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field
+    22), None if it is gone or there is no procfs. With the pid it names a process uniquely."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    try:
+        return int(text.rsplit(")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def same_process(pid: int, start: int | None) -> bool:
+    """True if ``pid`` is alive and, when ``start`` is known, is the process that started then."""
+    if not pid_alive(pid):
+        return False
+    if start is None:
+        return True
+    return process_start(pid) == start

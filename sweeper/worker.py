@@ -20,24 +20,56 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
+from sweeper.errors import StoreError
+from sweeper.records import RunRecord, RunState
 from sweeper.store import (
-    RECORD,
-    RunState,
     SweepStore,
     append_event,
     hostname,
+    open_in_run_dir,
+    process_start,
     read_events,
+    same_process,
+    touch,
     try_flock,
     write_json_atomic,
 )
+from trainer.schema import (
+    CKPT_DIR,
+    CONFIG_FILE,
+    EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    METRICS_FILE,
+    PROVENANCE_FILE,
+    SUMMARY_FILE,
+    SchemaError,
+    Status,
+    Summary,
+)
 
-EXIT_OK, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 3, 75  # trainer.config.EXIT_*
 TRIAL_FILE = "trial.json"
 TRAINER_PID = "trainer.pid"
+STDOUT, STDERR = "stdout.log", "stderr.log"
 STDERR_TAIL_CHARS = 2000
 _FORWARDED = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+# Entries of a run directory the worker or the trainer writes: none may be a symlink (a write
+# through it would land outside the sweep; see docs/clusters.md).
+_WRITTEN = (
+    CKPT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    PROVENANCE_FILE,
+    SUMMARY_FILE,
+    STDOUT,
+    STDERR,
+    TRIAL_FILE,
+    TRAINER_PID,
+    "heartbeat",
+)
+OnInterrupt = Literal[RunState.CANCELLED, RunState.SUBMITTED]
 
 # Makes the trainer receive SIGTERM (and checkpoint) when the thread that started it dies, e.g. when
 # the launcher is SIGKILLed, instead of running on as an orphan that a resumed attempt would race.
@@ -58,22 +90,25 @@ def heartbeat_interval_s() -> float:
     return float(os.environ.get("SWEEPER_HEARTBEAT_S", "5"))
 
 
-def trainer_command(record: dict[str, Any], trial_json: Path, run_dir: Path) -> list[str]:
+def trainer_command(record: RunRecord, trial_json: Path, run_dir: Path) -> list[str]:
     """The trainer command line for a run record.
 
-    ``backend.command`` (a list) replaces the ``python -m trainer`` prefix; with more than one rank
+    ``record.command`` replaces the ``python -m trainer`` prefix; with more than one rank
     (``resources.nodes * procs_per_node``) the prefix is ``torchrun``.
     """
-    res = record.get("resources") or {}
-    custom = (record.get("backend") or {}).get("command")
-    nodes, procs = int(res.get("nodes", 1)), int(res.get("procs_per_node", 1))
-    if custom:
-        prefix = [str(c) for c in custom]
-    elif nodes * procs > 1:
-        prefix = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}"]
-        if nodes > 1:
+    res = record.resources
+    if record.command:
+        prefix = list(record.command)
+    elif res.world_size > 1:
+        prefix = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={res.procs_per_node}",
+        ]
+        if res.nodes > 1:
             rdzv = os.environ.get("SWEEPER_RDZV_ENDPOINT", "localhost:29500")
-            prefix += [f"--nnodes={nodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv}"]
+            prefix += [f"--nnodes={res.nodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv}"]
         else:
             # --standalone picks a free port: two multi-rank runs on one node must not share 29500
             prefix.append("--standalone")
@@ -90,7 +125,7 @@ def run_trial(
     backend: str,
     job_id: str | None = None,
     env: dict[str, str] | None = None,
-    on_interrupt: Literal["cancelled", "requeue"] = "cancelled",
+    on_interrupt: OnInterrupt = RunState.CANCELLED,
     stop_event: threading.Event | None = None,
     wait_lock_s: float = 0.0,
 ) -> dict[str, Any]:
@@ -113,59 +148,71 @@ def run_trial(
     """
     store = SweepStore(Path(sweep_dir))
     run_dir = store.run_dir(run_id)
-    record = store.load_record(run_id)
-    with open(run_dir / ".lock", "a+b") as lock:
-        if not try_flock(lock.fileno(), wait_lock_s):
-            return {
-                "run_id": run_id,
-                "state": store.status(run_id).state.value,
-                "exit_code": None,
-                "skipped": True,
-            }
+    # The flock belongs to this open file description; the trainer inherits the descriptor, so the
+    # run stays locked until the trainer itself exits (an orphan of a killed launcher included).
+    lock_fd = open_in_run_dir(run_dir, ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        if not try_flock(lock_fd, wait_lock_s):
+            state = store.status(run_id).state
+            return {"run_id": run_id, "state": state.value, "exit_code": None, "skipped": True}
         events = read_events(run_dir)
-        if events and events[-1]["state"] == RunState.COMPLETED.value:
-            return {"run_id": run_id, "state": "completed", "exit_code": None, "skipped": True}
+        if events and events[-1].state in (RunState.COMPLETED, RunState.STOPPED):
+            state = events[-1].state.value
+            return {"run_id": run_id, "state": state, "exit_code": None, "skipped": True}
+        try:
+            record = store.load_record(run_id)
+            _refuse_symlinks(run_dir)
+        except StoreError as e:
+            append_event(run_dir, RunState.RUNNING, backend=backend, job_id=job_id, host=hostname())
+            return _finish(run_dir, run_id, RunState.FAILED, 2, None, reason=str(e))
         return _execute(
             store,
-            run_id,
             record,
-            lock.fileno(),
+            lock_fd,
             backend=backend,
             job_id=job_id,
             env=env,
             on_interrupt=on_interrupt,
             stop_event=stop_event,
         )
+    finally:
+        os.close(lock_fd)
+
+
+def _refuse_symlinks(run_dir: Path) -> None:
+    for name in _WRITTEN:
+        if os.path.islink(run_dir / name):
+            raise StoreError(
+                f"{run_dir / name}: is a symlink; files of a run directory must not be links "
+                "(put the whole results directory on scratch storage instead)"
+            )
 
 
 def _execute(
     store: SweepStore,
-    run_id: str,
-    record: dict[str, Any],
+    record: RunRecord,
     lock_fd: int,
     *,
     backend: str,
     job_id: str | None,
     env: dict[str, str] | None,
-    on_interrupt: str,
+    on_interrupt: OnInterrupt,
     stop_event: threading.Event | None,
 ) -> dict[str, Any]:
-    run_dir = store.run_dir(run_id)
+    run_dir = store.run_dir(record.id)
     trial = _write_trial(store, run_dir, record, env)
     started = append_event(
-        run_dir, "running", backend=backend, job_id=job_id, host=hostname(), pid=os.getpid()
+        run_dir, RunState.RUNNING, backend=backend, job_id=job_id, host=hostname(), pid=os.getpid()
     )
     cmd = trainer_command(record, trial, run_dir)
     full_env = {**os.environ, **(env or {})}
-    stderr_path = run_dir / "stderr.log"
     beat_stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(run_dir, beat_stop), daemon=True)
     beat.start()
     try:
-        with open(run_dir / "stdout.log", "ab") as out, open(stderr_path, "ab") as err:
+        with _log(run_dir, STDOUT) as out, _log(run_dir, STDERR) as err:
             err_offset = err.tell()
             try:
-                # The lock fd is inherited so the run stays locked until the trainer itself exits.
                 proc = subprocess.Popen(
                     [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid()), *cmd],
                     stdout=out,
@@ -177,8 +224,10 @@ def _execute(
                     start_new_session=True,
                 )
             except OSError as e:
-                return _finish(run_dir, run_id, "failed", 127, started, reason=f"cannot start: {e}")
-            (run_dir / TRAINER_PID).write_text(str(proc.pid))
+                return _finish(
+                    run_dir, record.id, RunState.FAILED, 127, started, reason=f"cannot start: {e}"
+                )
+            _write_pid(run_dir, proc.pid)
             code, asked = _wait(proc, stop_event)
     finally:
         beat_stop.set()
@@ -188,37 +237,69 @@ def _execute(
     # Killed by the stop signal before it could install its handlers (e.g. still importing):
     # nothing is lost beyond the last checkpoint, so this is an interruption, not a failure.
     early = asked and code in (-signal.SIGTERM, -signal.SIGUSR2)
-    return _record_outcome(
-        run_dir, run_id, code, started, stderr_path, err_offset, on_interrupt, early
-    )
+    outcome = _Outcome(code, started, err_offset, on_interrupt, early)
+    return _record_outcome(run_dir, record, outcome)
+
+
+@contextlib.contextmanager
+def _log(run_dir: Path, name: str) -> Any:
+    fd = open_in_run_dir(run_dir, name, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    with os.fdopen(fd, "ab") as f:
+        f.seek(0, os.SEEK_END)
+        yield f
+
+
+def _write_pid(run_dir: Path, pid: int) -> None:
+    """``trainer.pid``: the pid and its start time, so that a later cancel can tell our trainer
+    from an unrelated process that got the same pid."""
+    write_json_atomic(run_dir / TRAINER_PID, {"pid": pid, "start": process_start(pid)})
+
+
+def signal_trainer(run_dir: Path, sig: int) -> bool:
+    """Send ``sig`` to the run's trainer if ``trainer.pid`` still names it; True if sent."""
+    try:
+        raw = json.loads((run_dir / TRAINER_PID).read_text())
+        pid, start = int(raw["pid"]), raw.get("start")
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    if pid <= 1 or not same_process(pid, start if isinstance(start, int) else None):
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+        return True
+    return False
 
 
 def _write_trial(
-    store: SweepStore, run_dir: Path, record: dict[str, Any], env: dict[str, str] | None
+    store: SweepStore, run_dir: Path, record: RunRecord, env: dict[str, str] | None
 ) -> Path:
     """The config this attempt runs: the record with machine-specific fields resolved.
 
     Paths in the record are relative to the sweep directory (so a sweep can be moved); threads come
-    from ``OMP_NUM_THREADS`` when the spec leaves them unset. Neither enters the run id.
+    from ``OMP_NUM_THREADS`` when the spec leaves them unset; horizons added after the record was
+    written (``horizons.json``) join a run that has not started yet. None of it enters the run id.
     """
-    train = json.loads(json.dumps(record["train"]))
+    doc = record.to_dict()
+    train = doc["train"]
     branch = train.get("branch")
     if branch and not os.path.isabs(branch["run_dir"]):
         branch["run_dir"] = str((store.root / branch["run_dir"]).resolve())
     omp = (env or {}).get("OMP_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
-    if train.get("threads") is None and omp and omp.isdigit():
+    if train.get("threads") is None and omp and omp.isdigit() and int(omp) > 0:
         train["threads"] = int(omp)
+    extra = store.extra_horizons(record.id)
+    if extra and not os.path.lexists(run_dir / CONFIG_FILE):
+        train["horizons_tokens"] = sorted(set(train["horizons_tokens"]) | set(extra))
     path = run_dir / TRIAL_FILE
-    write_json_atomic(path, {**{k: v for k, v in record.items() if k != "train"}, "train": train})
+    write_json_atomic(path, doc)
     return path.resolve()
 
 
 def _heartbeat(run_dir: Path, stop: threading.Event) -> None:
-    path = run_dir / "heartbeat"
     interval = heartbeat_interval_s()
     while True:
         with contextlib.suppress(OSError):
-            path.touch()
+            touch(run_dir, "heartbeat")
         if stop.wait(interval):
             return
 
@@ -259,65 +340,67 @@ def _forward_signals(proc: subprocess.Popen[bytes], asked: threading.Event) -> A
     return lambda: [signal.signal(s, h) for s, h in old.items()]
 
 
-def _record_outcome(
-    run_dir: Path,
-    run_id: str,
-    code: int,
-    started: dict[str, Any],
-    stderr_path: Path,
-    err_offset: int,
-    on_interrupt: str,
-    early_stop: bool = False,
-) -> dict[str, Any]:
-    summary = _read_summary(run_dir)
-    status = summary.get("status")
-    if code == EXIT_OK and status == "completed":
-        return _finish(run_dir, run_id, "completed", code, started)
-    if code == EXIT_DIVERGED or (code == EXIT_OK and status == "diverged"):
-        return _finish(
-            run_dir, run_id, "diverged", code, started, reason=summary.get("reason") or "diverged"
-        )
-    if code == EXIT_INTERRUPTED or early_stop:
-        state = "submitted" if on_interrupt == "requeue" else "cancelled"
+class _Outcome(NamedTuple):
+    code: int
+    started: Any
+    err_offset: int
+    on_interrupt: OnInterrupt
+    early_stop: bool
+
+
+def _record_outcome(run_dir: Path, record: RunRecord, o: _Outcome) -> dict[str, Any]:
+    """The final event from the exit code and ``summary.json``; a summary is believed only when
+    it agrees with the exit code and with the run's planned steps."""
+    summary, problem = _read_summary(run_dir)
+    rid, code = record.id, o.code
+    if code == EXIT_OK and summary is not None and summary.status == Status.COMPLETED:
+        if summary.step == record.steps:
+            return _finish(run_dir, rid, RunState.COMPLETED, code, o.started)
+        problem = f"summary.json says completed at step {summary.step} of {record.steps}"
+    elif code == EXIT_DIVERGED or (
+        code == EXIT_OK and summary is not None and summary.status == Status.DIVERGED
+    ):
+        why = (summary.reason if summary else None) or "diverged"
+        return _finish(run_dir, rid, RunState.DIVERGED, code, o.started, reason=why)
+    elif code == EXIT_INTERRUPTED or o.early_stop:
         why = "interrupted" if code == EXIT_INTERRUPTED else "interrupted before checkpointing"
-        return _finish(run_dir, run_id, state, code, started, reason=why)
-    reason = (
-        f"exit {code} without a completed summary.json"
-        if code == EXIT_OK
-        else f"trainer exited with {_describe(code)}"
-    )
-    return _finish(
-        run_dir,
-        run_id,
-        "failed",
-        code,
-        started,
-        reason=reason,
-        stderr_tail=_tail(stderr_path, err_offset),
-    )
+        return _finish(run_dir, rid, o.on_interrupt, code, o.started, reason=why)
+    if code == EXIT_OK:
+        reason = f"exit 0 without a valid completed summary.json ({problem or 'no summary'})"
+    else:
+        reason = f"trainer exited with {_describe(code)}"
+    tail = _tail(run_dir / STDERR, o.err_offset)
+    last = next((line for line in reversed(tail.strip().splitlines()) if line.strip()), "")
+    if last:
+        reason += f": {last.strip()[:200]}"
+    return _finish(run_dir, rid, RunState.FAILED, code, o.started, reason=reason, stderr_tail=tail)
 
 
 def _finish(
-    run_dir: Path, run_id: str, state: str, code: int, started: dict[str, Any], **fields: Any
+    run_dir: Path, run_id: str, state: RunState, code: int, started: Any, **fields: Any
 ) -> dict[str, Any]:
     append_event(
         run_dir,
         state,
         exit_code=code,
-        attempt=started["attempt"],
-        backend=started.get("backend"),
-        job_id=started.get("job_id"),
+        attempt=getattr(started, "attempt", None),
+        backend=getattr(started, "backend", None),
+        job_id=getattr(started, "job_id", None),
         **fields,
     )
-    return {"run_id": run_id, "state": state, "exit_code": code}
+    return {"run_id": run_id, "state": state.value, "exit_code": code}
 
 
-def _read_summary(run_dir: Path) -> dict[str, Any]:
+def _read_summary(run_dir: Path) -> tuple[Summary | None, str | None]:
     try:
-        data = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        fd = open_in_run_dir(run_dir, SUMMARY_FILE, os.O_RDONLY)
+        with os.fdopen(fd, "rb") as f:
+            raw = json.loads(f.read(1 << 20))
+        return Summary.from_dict(raw), None
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError, SchemaError) as e:
+        return None, " ".join(str(e).split())
 
 
 def _tail(path: Path, offset: int) -> str:
@@ -349,18 +432,20 @@ def main(argv: list[str] | None = None) -> int:
         help="record an interrupted run as submitted (the scheduler requeues it)",
     )
     args = p.parse_args(argv)
-    if not (Path(args.sweep_dir) / "runs" / args.run_id / RECORD).is_file():
-        print(f"error: {args.sweep_dir}: no run {args.run_id!r}", file=sys.stderr)
+    try:
+        SweepStore(Path(args.sweep_dir)).load_record(args.run_id)
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     result = run_trial(
         args.sweep_dir,
         args.run_id,
         backend=args.backend,
         job_id=args.job_id,
-        on_interrupt="requeue" if args.requeue else "cancelled",
+        on_interrupt=RunState.SUBMITTED if args.requeue else RunState.CANCELLED,
     )
     print(json.dumps(result))
-    return 0 if result["state"] in ("completed", "diverged") else 1
+    return 0 if result["state"] in (RunState.COMPLETED, RunState.DIVERGED) else 1
 
 
 if __name__ == "__main__":

@@ -16,16 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainer.config import (
-    EXIT_CONFIG,
-    EXIT_DIVERGED,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    ConfigError,
-    TrainConfig,
-)
-
-_EXIT_BY_STATUS = {"completed": EXIT_OK, "diverged": EXIT_DIVERGED, "interrupted": EXIT_INTERRUPTED}
+from trainer.config import ConfigError, TrainConfig
+from trainer.schema import EXIT_BY_STATUS, EXIT_CONFIG, Status
 
 
 def load_run_config(path: Path) -> TrainConfig:
@@ -80,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    return _EXIT_BY_STATUS[summary["status"]]
+    return EXIT_BY_STATUS[Status(summary["status"])]
 
 
 if __name__ == "__main__":

@@ -22,14 +22,15 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-SCHEMA_VERSION = 1
-
-# Exit codes of ``python -m trainer``; the sweeper maps them to run states.
-EXIT_OK = 0
-EXIT_CRASH = 1
-EXIT_CONFIG = 2
-EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 75  # checkpointed on SIGTERM/SIGUSR2 and exited; run again to resume
+# The file contract (schema version, exit codes) lives in trainer.schema; re-exported here.
+from trainer.schema import (  # noqa: E402, F401
+    EXIT_CONFIG,
+    EXIT_CRASH,
+    EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    SCHEMA_VERSION,
+)
 
 
 class ConfigError(ValueError):
@@ -92,8 +93,14 @@ class ModelConfig:
             )
         if self.hdim % 2:
             raise ConfigError(f"model.head_dim = {self.hdim}: RoPE needs an even head dimension")
-        if not self.mlp_ratio > 0:
-            raise ConfigError(f"model.mlp_ratio = {self.mlp_ratio}: must be > 0")
+        if self.head_dim is not None and not 2 <= self.head_dim <= 4096:
+            raise ConfigError(f"model.head_dim = {self.head_dim}: must be in 2..4096")
+        if not 0 < self.mlp_ratio <= 64 or self.mlp_hidden < 1:
+            raise ConfigError(f"model.mlp_ratio = {self.mlp_ratio}: must be in (0, 64]")
+        for key, top in (("d_model", 1 << 16), ("n_layers", 4096), ("n_heads", 1024),
+                         ("vocab_size", 1 << 24), ("seq_len", 1 << 22)):  # fmt: skip
+            if getattr(self, key) > top:
+                raise ConfigError(f"model.{key} = {getattr(self, key)}: must be <= {top}")
         if not (self.norm_eps >= 0 and self.rope_theta > 0):
             raise ConfigError("model.norm_eps must be >= 0 and model.rope_theta > 0")
 
@@ -194,6 +201,8 @@ class OptimConfig:
             raise ConfigError("optim.ns_coefficients = 'tuned': needs ns_steps = 5")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
             raise ConfigError("optim.adam_beta1/adam_beta2: must be in [0, 1)")
+        if not (0 <= self.atan2_a and 0 <= self.atan2_b and 0 < self.ns_steps <= 100):
+            raise ConfigError("optim.atan2_a/atan2_b must be >= 0 and ns_steps in 1..100")
         if self.eps < 0 or self.adam_eps < 0 or self.grad_clip < 0:
             raise ConfigError("optim.eps, optim.adam_eps and optim.grad_clip must be >= 0")
 
@@ -241,7 +250,8 @@ class DataConfig:
 
     stdlib: the Python standard library's own source files, byte-tokenized (on every machine).
     synthetic: a random Markov chain with a known entropy rate (tests).
-    shards: a directory made by ``python -m trainer.data prepare`` (train.bin, val.bin, meta.json).
+    shards: a directory made by ``python -m trainer.data prepare`` (train.bin, val.bin, data.json;
+    see ``trainer.manifest``).
     """
 
     kind: DataKind = "stdlib"
@@ -252,6 +262,9 @@ class DataConfig:
     # successors per state of the synthetic chain (entropy ~ log branching)
     synthetic_branching: int = 4
     val_fraction: float = 0.02
+    # train past the end of the corpus (each further epoch in a new seeded order); false: a corpus
+    # smaller than the largest horizon is refused at plan time and before step 0
+    allow_repeat: bool = False
 
     def validate(self) -> None:
         if self.kind == "shards" and not self.path:
@@ -328,9 +341,17 @@ class TrainConfig:
     def horizon_steps(self) -> tuple[int, ...]:
         return tuple(d // self.tokens_per_step for d in self.horizons_tokens)
 
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward), Kaplan et al. (2020), eq. 2.2:
+        ``6·N + 6·n_layers·seq_len·d_attn`` with N the non-embedding parameters and
+        ``d_attn = n_heads·head_dim`` (the embedding lookups cost no matmul; the attention
+        scores and weighted sum are the second term). Chinchilla (Hoffmann et al., 2022,
+        appendix F) counts the same terms within a few percent at these shapes."""
+        return _flops_per_token(self.model)
+
     def flops(self) -> float:
-        """Approximate training compute, 6·N·D (N = all parameters, D = max horizon)."""
-        return 6.0 * self.model.n_params() * self.max_tokens
+        """Training compute to the largest horizon (``flops_per_token() * max_tokens``)."""
+        return self.flops_per_token() * self.max_tokens
 
     def validate(self, world_size: int | None = None) -> None:
         """Raise ConfigError (one line, naming the key) unless the run can start."""
@@ -359,6 +380,12 @@ class TrainConfig:
             raise ConfigError(
                 f"branch.step = {self.branch.step}: must be below total steps {self.total_steps}"
             )
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ConfigError(f"micro_batch_size = {self.micro_batch_size}: must be >= 1")
+        if self.threads is not None and not 1 <= self.threads <= 1024:
+            raise ConfigError(f"threads = {self.threads}: must be in 1..1024")
+        if self.checkpoint_every < 0 or self.keep_checkpoints > 1000:
+            raise ConfigError("checkpoint_every must be >= 0 and keep_checkpoints <= 1000")
         if not self.diverge_margin > 0:
             raise ConfigError(f"diverge_margin = {self.diverge_margin}: must be > 0")
         if world_size is not None:
@@ -395,6 +422,12 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------- helpers
+
+
+@functools.cache
+def _flops_per_token(m: ModelConfig) -> float:
+    # cached: planning asks once per run, and a sweep has few distinct models
+    return 6.0 * m.n_params_non_embedding() + 6.0 * m.n_layers * m.seq_len * m.n_heads * m.hdim
 
 
 def _positive(obj: Any, *keys: str) -> None:
@@ -464,13 +497,18 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
+            if isinstance(value, float) and value.is_integer() and abs(value) < 2**62:
                 return int(value)
             raise ConfigError(f"{key} = {value!r}: expected an integer")
+        if abs(value) >= 2**62:
+            raise ConfigError(f"{key} = {value!r}: out of range")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} = {value!r}: expected a number")
+        if not math.isfinite(value) or abs(value) > 1e300:
+            # no setting of a run is infinite or NaN; refusing them here covers every field
+            raise ConfigError(f"{key} = {value!r}: must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

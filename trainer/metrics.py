@@ -1,7 +1,7 @@
 """What a run logs: model norms, the metrics.jsonl writer and atomic JSON files.
 
-The line format is the contract in ``docs/architecture.md`` ("Metrics line keys");
-``sweeper.collect`` reads it. Only rank 0 writes.
+The line format is the contract in ``trainer/schema.py`` (``METRICS``); ``sweeper.collect``
+reads it through the same module. Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -16,8 +16,16 @@ import torch
 from torch import nn
 
 from trainer.norms import one_to_rms_embedding, rms_to_inf, rms_to_rms
+from trainer.schema import METRICS_FILE, metrics_line
 
-METRICS_FILE = "metrics.jsonl"
+__all__ = [
+    "METRICS_FILE",
+    "MetricsWriter",
+    "grad_norm",
+    "read_metrics",
+    "weight_norms",
+    "write_json",
+]
 
 
 def weight_norms(model: nn.Module) -> dict[str, float]:
@@ -105,7 +113,7 @@ class MetricsWriter:
 
     def write(self, row: dict[str, Any]) -> None:
         """Append one line and flush it (readers such as ``sweeper status`` follow the file)."""
-        self._file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        self._file.write(json.dumps(metrics_line(**row)) + "\n")
         self._file.flush()
 
     def close(self) -> None:

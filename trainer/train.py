@@ -42,10 +42,11 @@ from trainer.checkpoint import (
 )
 from trainer.config import SCHEMA_VERSION, ConfigError, TrainConfig
 from trainer.data import BatchSource, DataError, check_enough, open_data, validation_windows
-from trainer.metrics import METRICS_FILE, MetricsWriter, grad_norm, weight_norms, write_json
+from trainer.metrics import MetricsWriter, grad_norm, weight_norms, write_json
 from trainer.model import Transformer
 from trainer.optim import build_optimizer
 from trainer.schedule import lr_multiplier
+from trainer.schema import CONFIG_FILE, METRICS_FILE, PROVENANCE_FILE, SUMMARY_FILE, Status, Summary
 
 log = logging.getLogger("trainer")
 
@@ -132,7 +133,7 @@ def _first_difference(a: Any, b: Any, where: str = "") -> str | None:
 
 def check_run_dir(cfg: TrainConfig, out_dir: Path) -> dict[str, Any] | None:
     """Refuse a run directory made by a different config; return its final summary if it has one."""
-    config_file = out_dir / "config.json"
+    config_file = out_dir / CONFIG_FILE
     if config_file.exists():
         try:
             old = json.loads(config_file.read_text())
@@ -145,7 +146,7 @@ def check_run_dir(cfg: TrainConfig, out_dir: Path) -> dict[str, Any] | None:
                 f"{key}: differs from {config_file} (a run directory belongs to one config; "
                 "use a new directory or a branch)"
             )
-    summary_file = out_dir / "summary.json"
+    summary_file = out_dir / SUMMARY_FILE
     if summary_file.exists():
         summary = json.loads(summary_file.read_text())
         if summary.get("status") in _FINAL_STATES:
@@ -248,7 +249,8 @@ class Trainer:
         shards = open_data(cfg.data, cfg.model.vocab_size)
         self.source = BatchSource(shards.train, cfg.model.seq_len, cfg.batch_size, cfg.seed)
         # the last step's line needs one more batch (the loss of the final weights)
-        check_enough(self.source, self.total_steps + 1, shards.path)
+        check_enough(self.source, self.total_steps + 1, shards.path, cfg.data.allow_repeat)
+        self.data_provenance = shards.provenance()  # manifest path, hash, tokenizer, counts
         self.val = validation_windows(shards.val, cfg.model.seq_len, cfg.val_tokens)
         self.start = self._find_start()
         self.per_rank = cfg.batch_size // env.world_size
@@ -348,10 +350,12 @@ class Trainer:
     def _write_run_files(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_json(
-            self.out_dir / "config.json", {**self.cfg.to_dict(), "schema_version": SCHEMA_VERSION}
+            self.out_dir / CONFIG_FILE, {**self.cfg.to_dict(), "schema_version": SCHEMA_VERSION}
         )
-        write_json(self.out_dir / "provenance.json", provenance(self.env))
-        (self.out_dir / "summary.json").unlink(missing_ok=True)  # an old "interrupted" one
+        write_json(
+            self.out_dir / PROVENANCE_FILE, {**provenance(self.env), "data": self.data_provenance}
+        )
+        (self.out_dir / SUMMARY_FILE).unlink(missing_ok=True)  # an old "interrupted" one
 
     # ---- one step
     def _forward_backward(self, step: int) -> torch.Tensor:
@@ -558,18 +562,18 @@ class Trainer:
         t0: float,
         reason: str | None = None,
     ) -> dict[str, Any]:
-        summary = {
-            "status": status,
-            "step": step,
-            "tokens": step * self.cfg.tokens_per_step,
-            "final_loss": loss,
-            "final_output_norm": norms.get("output_norm"),
-            "wall_time_s": self.wall_before + time.time() - t0,
-            "diverged_step": step if status == "diverged" else None,
-            "reason": reason,
-        }
+        summary = Summary(
+            status=Status(status),
+            step=step,
+            tokens=step * self.cfg.tokens_per_step,
+            final_loss=loss,
+            final_output_norm=norms.get("output_norm"),
+            wall_time_s=self.wall_before + time.time() - t0,
+            diverged_step=step if status == "diverged" else None,
+            reason=reason,
+        ).to_dict()
         if self.env.is_main:
-            write_json(self.out_dir / "summary.json", summary)
+            write_json(self.out_dir / SUMMARY_FILE, summary)
             log.info(
                 "%s at step %d (loss %.4f)%s", status, step, loss, f": {reason}" if reason else ""
             )

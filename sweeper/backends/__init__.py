@@ -1,54 +1,72 @@
 """Backends: where and how runs execute. Each one ends up calling :func:`sweeper.worker.run_trial`.
 
-Modules are imported lazily (``load_backend``) so that, e.g., ``ray`` is only imported when used.
+This package's ``__init__`` is the registry: it names each backend's module, whose ``Backend``
+class owns a frozen ``Config`` (``[backend.<name>]`` in the spec). The spec asks the registry to
+build a config (:func:`parse_config`); modules are imported on first use, so that e.g. ``ray`` is
+only imported by a sweep that runs on Ray.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
-from sweeper.errors import BackendError
+from sweeper.errors import BackendError, SpecError
+from sweeper.records import RunRecord
 from sweeper.store import SweepStore
+from trainer.config import ConfigError, _build
 
 BACKENDS: dict[str, str] = {
-    "local": "sweeper.backends.local:LocalBackend",
-    "slurm": "sweeper.backends.slurm:SlurmBackend",
-    "ray": "sweeper.backends.ray:RayBackend",
+    "local": "sweeper.backends.local",
+    "slurm": "sweeper.backends.slurm",
+    "ray": "sweeper.backends.ray",
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class LaunchOptions:
     """Options of one ``launch``/``resume`` call, passed to :meth:`Backend.launch`.
 
     Attributes:
-        max_parallel: Trials at once (local) or concurrent jobs/trials (cluster backends, 0 = spec).
-        progress: Show a progress bar (local).
-        dry_run: Print what would run, start nothing.
+        max_parallel: Trials (or jobs) at once; None keeps the backend config's own limit.
+        progress: Show a progress bar (blocking backends).
         on_interrupt: ``cancelled`` or ``requeue`` for a trainer that checkpointed on a signal.
-        extra: Backend-specific options.
     """
 
-    max_parallel: int = 1
+    max_parallel: int | None = None
     progress: bool = True
-    dry_run: bool = False
     on_interrupt: str = "cancelled"
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class BackendConfig(Protocol):
+    """What every backend's frozen config provides."""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the key unless every value is usable."""
 
 
 class Backend(Protocol):
-    """What every backend implements."""
+    """What every backend implements.
 
-    name: str
+    ``blocking`` backends (local) run the runs to completion inside :meth:`launch`, after the
+    caller claimed them; the others submit them under the sweep lock and return.
+    """
 
-    def launch(self, store: SweepStore, runs: list[str], opts: LaunchOptions) -> None:
-        """Run (local: to completion) or submit (cluster: append ``submitted`` with job ids) runs.
+    name: ClassVar[str]
+    blocking: ClassVar[bool]
+    config: Any
+
+    def launch(self, store: SweepStore, runs: list[RunRecord], opts: LaunchOptions) -> None:
+        """Run (blocking) or submit (append ``submitted`` with job ids) ``runs``.
 
         ``runs`` is ordered so that a trunk comes before its branches; a branch must not start
-        before its trunk (``run.json`` ``parent``) has completed.
+        before its trunk (``parent``) has completed.
         """
+
+    def describe(self, store: SweepStore, runs: list[RunRecord], opts: LaunchOptions) -> str:
+        """What :meth:`launch` would submit, for a dry run; submits and writes nothing."""
 
     def reconcile(self, store: SweepStore) -> None:
         """Refresh the states of submitted/running runs from the scheduler (append events)."""
@@ -57,15 +75,48 @@ class Backend(Protocol):
         """Stop queued/running runs; they end ``cancelled``."""
 
 
-def load_backend(name: str, **kwargs: Any) -> Backend:
-    """Instantiate backend ``name`` (``local``, ``slurm``, ``ray``); BackendError if unavailable."""
+def _module(name: str) -> Any:
     try:
         target = BACKENDS[name]
     except KeyError:
         raise BackendError(f"backend {name!r}: unknown (known: {', '.join(BACKENDS)})") from None
-    module_name, cls_name = target.split(":")
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(target)
     except ImportError as e:
-        raise BackendError(f"backend {name!r}: cannot import {module_name} ({e})") from None
-    return getattr(module, cls_name)(**kwargs)
+        raise BackendError(f"backend {name!r}: cannot import {target} ({e})") from None
+
+
+def config_type(name: str) -> type:
+    """The frozen config dataclass of backend ``name``."""
+    cls: type = _module(name).Backend.Config
+    return cls
+
+
+def default_config(name: str) -> Any:
+    """Backend ``name``'s config with every default."""
+    return config_type(name)()
+
+
+def parse_config(name: str, raw: dict[str, Any], file: str) -> Any:
+    """Build and validate ``[backend.<name>]``; SpecError naming the file, key and value."""
+    where = f"backend.{name}"
+    try:
+        cfg = _build(config_type(name), raw, where)
+        cfg.validate()
+    except ConfigError as e:
+        raise SpecError(file, None, message=str(e)) from None
+    return cfg
+
+
+def load_backend(name: str, config: Any = None) -> Backend:
+    """Instantiate backend ``name`` with ``config`` (default: all defaults)."""
+    cls = _module(name).Backend
+    backend: Backend = cls(config if config is not None else cls.Config())
+    return backend
+
+
+def with_parallel(config: Any, field: str, value: int | None) -> Any:
+    """``config`` with its parallelism ``field`` replaced by ``value`` (None: unchanged)."""
+    if value is None:
+        return config
+    return dataclasses.replace(config, **{field: value})

@@ -16,14 +16,24 @@ import signal
 import subprocess
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from sweeper.backends import LaunchOptions
-from sweeper.store import RunState, SweepStore, hostname, pid_alive
-from sweeper.worker import TRAINER_PID, run_trial
+from sweeper.records import RunRecord, RunState
+from sweeper.store import SweepStore, hostname, pid_alive
+from sweeper.worker import run_trial, signal_trainer
+from trainer.config import ConfigError
 
 # How long a trial waits for a run lock still held by a dying orphan trainer of a killed launcher.
 ORPHAN_LOCK_WAIT_S = 60.0
@@ -43,22 +53,51 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
 
 
+@dataclass(frozen=True, kw_only=True)
+class LocalConfig:
+    """``[backend.local]``."""
+
+    max_parallel: int = 1  # trials at once on this host
+
+    def validate(self) -> None:
+        cores = os.cpu_count() or 1
+        if not 1 <= self.max_parallel <= max(64, 4 * cores):
+            raise ConfigError(
+                f"backend.local.max_parallel = {self.max_parallel}: must be in "
+                f"1..{max(64, 4 * cores)} (this host has {cores} cores)"
+            )
+
+
 class LocalBackend:
-    """Runs trials in threads on this host."""
+    """Runs trials in threads on this host (blocking: :meth:`launch` returns when they ended)."""
 
-    name = "local"
+    name: ClassVar[str] = "local"
+    blocking: ClassVar[bool] = True
+    Config: ClassVar[type[LocalConfig]] = LocalConfig
 
-    def __init__(self, cpu_count: int | None = None) -> None:
+    def __init__(self, config: LocalConfig | None = None, cpu_count: int | None = None) -> None:
+        self.config = config or LocalConfig()
         self.cpu_count = cpu_count or len(os.sched_getaffinity(0))
 
     # ---- launch
-    def launch(self, store: SweepStore, runs: list[str], opts: LaunchOptions) -> None:
+    def launch(self, store: SweepStore, runs: list[RunRecord], opts: LaunchOptions) -> None:
         """Run ``runs`` (already claimed as ``submitted``) to completion, branches after trunks."""
         if not runs:
             return
         stop = threading.Event()
-        with _stop_on_signals(stop), _progress(opts.progress, len(runs)) as bar:
-            _Scheduler(self, store, runs, opts, stop, bar).run()
+        parallel = opts.max_parallel or self.config.max_parallel
+        tokens = sum(r.trained_tokens for r in runs)
+        with _stop_on_signals(stop), _progress(opts.progress, len(runs), tokens) as bar:
+            _Scheduler(self, store, runs, parallel, stop, bar).run()
+        if stop.is_set():
+            raise KeyboardInterrupt  # the caller reports the interruption (exit 130)
+
+    def describe(self, store: SweepStore, runs: list[RunRecord], opts: LaunchOptions) -> str:
+        """The runs a launch would start, and how many at once."""
+        parallel = opts.max_parallel or self.config.max_parallel
+        lines = [f"local: {len(runs)} runs, {parallel} at once on {hostname()}"]
+        lines += [f"  {r.id}  ({r.steps - r.start_step} steps)" for r in runs]
+        return "\n".join(lines)
 
     def trial_env(self, max_parallel: int, gpu: str | None) -> dict[str, str]:
         """Environment of one trial: its GPU, or its share of the CPU threads."""
@@ -73,36 +112,31 @@ class LocalBackend:
         me = hostname()
         for rid, st in store.statuses().items():
             ev = st.last_event
-            if st.state not in (RunState.SUBMITTED, RunState.RUNNING, RunState.STALE):
+            if ev is None or st.state not in (RunState.SUBMITTED, RunState.RUNNING, RunState.STALE):
                 continue
-            if ev.get("backend") != "local" or ev.get("host") != me or "pid" not in ev:
+            if ev.backend != "local" or ev.host != me or ev.pid is None:
                 continue
-            if pid_alive(int(ev["pid"])):
+            if pid_alive(ev.pid):
                 continue
-            why = f"local process {ev['pid']} on {me} is gone"
-            if ev["state"] == "running":
-                store.append_event(rid, "failed", backend="local", reason=why)
-            else:
-                store.append_event(rid, "cancelled", backend="local", reason=why)
+            why = f"local process {ev.pid} on {me} is gone"
+            state = RunState.FAILED if ev.state == RunState.RUNNING else RunState.CANCELLED
+            store.append_if(rid, state, expect=ev, backend="local", reason=why)
 
     def cancel(self, store: SweepStore, run_ids: list[str]) -> None:
         """SIGTERM the trainers of running runs (they checkpoint and end ``cancelled``); queued
         runs are marked ``cancelled`` so their launcher skips them."""
         for rid in run_ids:
             st = store.status(rid)
+            ev = st.last_event
             if st.state == RunState.SUBMITTED:
-                store.append_event(rid, "cancelled", backend="local", reason="cancelled by user")
-            elif st.state == RunState.RUNNING and st.last_event.get("host") == hostname():
-                _terminate(store.run_dir(rid) / TRAINER_PID)
+                store.append_if(
+                    rid, RunState.CANCELLED, expect=ev, backend="local", reason="cancelled by user"
+                )
+            elif st.state == RunState.RUNNING and ev is not None and ev.host == hostname():
+                signal_trainer(store.run_dir(rid), signal.SIGTERM)
 
 
-def _terminate(pid_file: Any) -> None:
-    try:
-        pid = int(pid_file.read_text())
-    except (OSError, ValueError):
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signal.SIGTERM)
+Backend = LocalBackend
 
 
 class _Scheduler:
@@ -112,17 +146,18 @@ class _Scheduler:
         self,
         backend: LocalBackend,
         store: SweepStore,
-        runs: list[str],
-        opts: LaunchOptions,
+        runs: list[RunRecord],
+        parallel: int,
         stop: threading.Event,
         bar: Any,
     ) -> None:
-        self.backend, self.store, self.opts, self.stop, self.bar = backend, store, opts, stop, bar
-        self.pending = list(runs)
-        self.parents = {rid: store.load_record(rid).get("parent") for rid in runs}
-        self.in_batch = set(runs)
+        self.backend, self.store, self.stop, self.bar = backend, store, stop, bar
+        self.pending = [r.id for r in runs]
+        self.parents = {r.id: r.parent for r in runs}
+        self.tokens = {r.id: r.trained_tokens for r in runs}
+        self.in_batch = set(self.pending)
         self.finished: dict[str, str] = {}
-        self.parallel = max(1, opts.max_parallel)
+        self.parallel = max(1, parallel)
         self.gpus: queue.Queue[str | None] = queue.Queue()
         gpus = visible_gpus()
         for i in range(self.parallel):
@@ -158,7 +193,7 @@ class _Scheduler:
     def _ready(self, rid: str) -> bool | None:
         """True: start; False: drop (no longer ours); None: wait for the trunk."""
         if self.store.status(rid).state != RunState.SUBMITTED:
-            self._advance(rid, "skipped")
+            self._advance(rid, "skipped")  # not a state: the bar counts it apart
             return False
         parent = self.parents.get(rid)
         if parent is None:
@@ -168,9 +203,9 @@ class _Scheduler:
         if self.store.status(parent).state == RunState.COMPLETED:
             return True
         self.store.append_event(
-            rid, "cancelled", backend="local", reason=f"trunk {parent} is not completed"
+            rid, RunState.CANCELLED, backend="local", reason=f"trunk {parent} is not completed"
         )
-        self._advance(rid, "cancelled")
+        self._advance(rid, RunState.CANCELLED)
         return False
 
     def _drop_blocked(self) -> None:
@@ -179,11 +214,11 @@ class _Scheduler:
                 self.pending.remove(rid)
                 self.store.append_event(
                     rid,
-                    "cancelled",
+                    RunState.CANCELLED,
                     backend="local",
                     reason=f"trunk {self.parents[rid]} did not run",
                 )
-                self._advance(rid, "cancelled")
+                self._advance(rid, RunState.CANCELLED)
 
     def _trial(self, rid: str) -> dict[str, Any]:
         gpu = self.gpus.get()
@@ -193,7 +228,7 @@ class _Scheduler:
                 rid,
                 backend="local",
                 env=self.backend.trial_env(self.parallel, gpu),
-                on_interrupt="cancelled",
+                on_interrupt=RunState.CANCELLED,
                 stop_event=self.stop,
                 wait_lock_s=ORPHAN_LOCK_WAIT_S,
             )
@@ -204,50 +239,60 @@ class _Scheduler:
         try:
             state = fut.result()["state"]
         except Exception as e:  # noqa: BLE001 - a broken run must not stop the sweep
-            self.store.append_event(rid, "failed", backend="local", reason=f"worker error: {e!r}")
-            state = "failed"
+            self.store.append_event(
+                rid, RunState.FAILED, backend="local", reason=f"worker error: {e!r}"
+            )
+            state = RunState.FAILED
         self.finished[rid] = state
         self._advance(rid, state)
 
     def _advance(self, rid: str, state: str) -> None:
         self.finished.setdefault(rid, state)
         if self.bar is not None:
-            self.bar.advance(state)
+            self.bar.advance(state, self.tokens.get(rid, 0))
 
     def _cancel_unstarted(self) -> None:
         for rid in self.pending:
             if self.store.status(rid).state == RunState.SUBMITTED:
                 self.store.append_event(
-                    rid, "cancelled", backend="local", reason="interrupted before start"
+                    rid, RunState.CANCELLED, backend="local", reason="interrupted before start"
                 )
 
 
 class _Bar:
-    def __init__(self, progress: Progress, total: int) -> None:
+    """Runs finished by state, and the tokens of the finished runs out of the launch's total."""
+
+    def __init__(self, progress: Progress, runs: int, tokens: int) -> None:
         self.progress = progress
         self.counts: dict[str, int] = {}
-        self.task = progress.add_task("runs", total=total, counts="")
+        self.runs, self.done = runs, 0
+        self.task = progress.add_task("tokens", total=max(1, tokens), counts="")
 
-    def advance(self, state: str) -> None:
+    def advance(self, state: str, tokens: int) -> None:
         self.counts[state] = self.counts.get(state, 0) + 1
-        text = " ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
-        self.progress.update(self.task, advance=1, counts=text)
+        self.done += 1
+        text = f"{self.done}/{self.runs} runs " + " ".join(
+            f"{k}={v}" for k, v in sorted(self.counts.items())
+        )
+        self.progress.update(self.task, advance=tokens, counts=text)
 
 
 @contextlib.contextmanager
-def _progress(show: bool, total: int) -> Any:
+def _progress(show: bool, runs: int, tokens: int) -> Any:
     if not show:
         yield None
         return
     columns = (
         TextColumn("[bold]sweep"),
         BarColumn(),
-        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("of {task.total:,.0f} tokens"),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         TextColumn("{task.fields[counts]}"),
     )
     with Progress(*columns, console=Console(stderr=True)) as progress:
-        yield _Bar(progress, total)
+        yield _Bar(progress, runs, tokens)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,5 @@
+"""``python -m sweeper.cli``: the command line."""
+
+from sweeper.cli import main
+
+main()
