@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev,slurm,ray
 .venv/bin/ruff check sweeper trainer tests bench
 .venv/bin/ruff format --check -q sweeper trainer tests bench
+.venv/bin/mypy
 started_slurm=0
 if [ "$(id -u)" = 0 ] && [ "${SWEEPER_TEST_SLURM:-1}" = 1 ]; then
   bash scripts/slurm-cluster.sh start

@@ -35,7 +35,14 @@ from sweeper.spec import (
     lr_value,
     seed_value,
 )
-from trainer.config import BranchConfig, OptimConfig, ScheduleConfig, TrainConfig, _to_jsonable
+from trainer.config import (
+    BranchConfig,
+    OptimConfig,
+    ScheduleConfig,
+    ScheduleKind,
+    TrainConfig,
+    _to_jsonable,
+)
 
 DEFAULT_SCALES = (1.0, 1.0, 1.0)
 
@@ -179,7 +186,9 @@ class _Planner:
             hit = self._json[key] = _to_jsonable(value)
         return hit
 
-    def _schedule(self, base: ScheduleConfig, kind: str, total: int | None) -> ScheduleConfig:
+    def _schedule(
+        self, base: ScheduleConfig, kind: ScheduleKind, total: int | None
+    ) -> ScheduleConfig:
         key = (base, kind, total)
         hit = self._schedules.get(key)
         if hit is None:

@@ -125,13 +125,13 @@ class RunEvent:
         if type(raw) is not dict:
             raise RecordError("expected a JSON object")
         try:
-            state = RunState(raw.get("state"))
+            state = RunState(str(raw.get("state")))
         except ValueError:
             raise RecordError(f"state = {_short(raw.get('state'))}: unknown state") from None
         if not state.is_written():
             raise RecordError(f"state = {state.value!r}: derived, never written")
         ts = raw.get("ts")
-        if type(ts) not in (int, float) or not math.isfinite(ts):
+        if not isinstance(ts, int | float) or isinstance(ts, bool) or not math.isfinite(ts):
             raise RecordError(f"ts = {_short(ts)}: expected a number")
         kwargs: dict[str, Any] = {"ts": float(ts), "state": state}
         for key, kind in _EVENT_TYPES.items():
@@ -320,7 +320,7 @@ class RunRecord:
         if type(raw) is not dict:
             raise RecordError("expected a JSON object")
         try:
-            kind = RunKind(raw.get("kind"))
+            kind = RunKind(str(raw.get("kind")))
         except ValueError:
             raise RecordError(f"kind = {_short(raw.get('kind'))}: unknown kind") from None
         parent = raw.get("parent")

@@ -412,7 +412,9 @@ def _grid(raw: dict[str, Any], file: str, optim: OptimConfig) -> Grid:
     else:
         horizons = _list(raw.get("horizons_tokens"), "grid.horizons_tokens", file, _horizon)
     seeds = _list(raw.get("seeds", [30]), "grid.seeds", file, seed_value)
-    scales = ((optim.lr_scale_in, optim.lr_scale_hidden, optim.lr_scale_out),)
+    scales: tuple[tuple[float, float, float], ...] = (
+        (optim.lr_scale_in, optim.lr_scale_hidden, optim.lr_scale_out),
+    )
     if "lr_scales" in raw:
         scales = _lr_scales(raw["lr_scales"], file)
     return Grid(
@@ -555,8 +557,7 @@ def _window(raw: dict[str, Any], file: str) -> LawWindow | None:
                 file, f"window.{k}", None, "required (log2 lr* = a*log2 B + b*log2 D + c)"
             )
     a, b, c = (number(table[k], f"window.{k}", file) for k in ("a", "b", "c"))
-    k = table.get("k", 4)
-    k = _int_in(k, "window.k", file, 0, 1000)
+    k = _int_in(table.get("k", 4), "window.k", file, 0, 1000)
     return LawWindow(a=a, b=b, c=c, k=k)
 
 
@@ -610,7 +611,12 @@ def _resources(raw: dict[str, Any], file: str) -> Resources:
 _RESOURCE_MAX = {"nodes": 4096, "procs_per_node": 64, "cpus_per_task": 1024, "time_min": 525_600}
 
 
-_SCALAR_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+_SCALAR_TYPES: dict[str, type | tuple[type, ...]] = {
+    "int": int,
+    "float": (int, float),
+    "str": str,
+    "bool": bool,
+}
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
 
 

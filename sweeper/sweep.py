@@ -98,17 +98,25 @@ class Sweep:
     # ---- construction
     @classmethod
     def create(
-        cls, spec: str | Path | SweepSpec, results: str | Path = "results", *, write: bool = True
+        cls,
+        spec: str | Path | SweepSpec,
+        results: str | Path = "results",
+        *,
+        write: bool = True,
+        backend: str | None = None,
     ) -> Sweep:
         """Validate ``spec``, plan it, and create or extend ``<results>/<name>``.
 
         An existing sweep keeps every run; only runs not yet present are added, and new smaller
         horizons of existing single runs are recorded in their ``horizons.json``. A changed spec
         replaces ``spec.toml`` atomically and the old one is kept as ``spec.<UTC time>.toml``.
-        With ``write=False`` nothing is written (a dry run).
+        With ``write=False`` nothing is written (a dry run). ``backend`` (default: the spec's) is
+        loaded first, so an unusable backend fails before anything is written.
         """
         if not isinstance(spec, SweepSpec):
             spec = load_spec(spec)
+        name = backend or spec.backend.name
+        load_backend(name, spec.backend.config(name))
         sweep = cls(SweepStore(Path(results) / spec.name), spec)
         if write:
             sweep._write()

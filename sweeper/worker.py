@@ -157,8 +157,8 @@ def run_trial(
             return {"run_id": run_id, "state": state.value, "exit_code": None, "skipped": True}
         events = read_events(run_dir)
         if events and events[-1].state in (RunState.COMPLETED, RunState.STOPPED):
-            state = events[-1].state.value
-            return {"run_id": run_id, "state": state, "exit_code": None, "skipped": True}
+            done = events[-1].state.value
+            return {"run_id": run_id, "state": done, "exit_code": None, "skipped": True}
         try:
             record = store.load_record(run_id)
             _refuse_symlinks(run_dir)

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from test_local import fake_spec
 
+import click
+
 from sweeper.cli import cli, main
 from sweeper.store import SweepStore, read_events
 
@@ -83,7 +85,7 @@ def test_end_to_end_with_the_real_trainer(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     store = SweepStore(results / "smoke")
     for rid in store.run_ids():
-        assert sum(e["state"] == "running" for e in read_events(store.run_dir(rid))) == 1
+        assert sum(e.state == "running" for e in read_events(store.run_dir(rid))) == 1
 
 
 BAD_ARGS = [
@@ -120,23 +122,30 @@ def test_bad_spec_through_cli_names_file_key_value(tmp_path: Path, capsys) -> No
     spec.write_text(spec.read_text().replace("batch_size = [4, 8]", "batch_size = [4, 0]"))
     code, _, err = run_main(capsys, "--results", str(tmp_path / "r"), "launch", str(spec))
     assert code == 2
-    assert err.strip() == f"error: {spec}: grid.batch_size = 0: must be >= 1"
+    assert err.strip() == f"error: {spec}: grid.batch_size = 0: must be in 1..16777216"
     assert not (tmp_path / "r").exists()
 
 
 def test_every_command_has_help_with_an_example(capsys) -> None:  # noqa: ANN001
-    for name in ["plan", "launch", "status", "resume", "cancel", "collect", "export"]:
+    ctx = click.Context(cli)
+    names = cli.list_commands(ctx)
+    assert {"plan", "launch", "status", "resume", "cancel", "collect", "export"} <= set(names)
+    for name in names:
         code, out, _ = run_main(capsys, name, "--help")
         assert code == 0 and "Example" in out, name
-    assert set(cli.commands) >= {
-        "plan",
-        "launch",
-        "status",
-        "resume",
-        "cancel",
-        "collect",
-        "export",
-    }
+
+
+def test_results_before_or_after_the_subcommand(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    spec = fake_spec(tmp_path, lrs="[0.125]", batches="[4]")
+    before, after = tmp_path / "before", tmp_path / "after"
+    code, _, err = run_main(capsys, "--results", str(before), "launch", str(spec), "--no-progress")
+    assert code == 0, err
+    code, _, err = run_main(capsys, "launch", str(spec), "--no-progress", "--results", str(after))
+    assert code == 0, err
+    for results in (before, after):
+        code, out, _ = run_main(capsys, "status", "fake", "--results", str(results),
+                                "--format", "json")  # fmt: skip
+        assert code == 0 and json.loads(out)[0]["state"] == "completed"
 
 
 def test_plan_formats_write_nothing(tmp_path: Path, capsys) -> None:  # noqa: ANN001
@@ -162,7 +171,7 @@ def test_relaunch_with_changed_spec_adds_only_new_runs(tmp_path: Path, capsys) -
     code, _, err = run_main(capsys, "--results", results, "launch", str(spec), "--no-progress")
     assert code == 0, err
     assert len(store.run_ids()) == 2 and first in store.run_ids()
-    assert sum(e["state"] == "running" for e in read_events(store.run_dir(first))) == 1
+    assert sum(e.state == "running" for e in read_events(store.run_dir(first))) == 1
     archived = list(store.root.glob("spec.*.toml"))
     assert len(archived) == 1 and "lr = [0.125]\n" in archived[0].read_text()
     assert "0.5" in (store.root / "spec.toml").read_text()
@@ -171,9 +180,8 @@ def test_relaunch_with_changed_spec_adds_only_new_runs(tmp_path: Path, capsys) -
     code, _, err = run_main(capsys, "--results", results, "launch", str(spec), "--no-progress")
     assert code == 0, err
     assert len(store.run_ids()) == 2
-    rec = store.load_record(first)
-    assert rec["derived"]["horizons_tokens"] == [512, 1024, 2048]
-    assert rec["train"]["horizons_tokens"] == [1024, 2048]  # what it was trained with
+    assert store.extra_horizons(first) == (512, 1024, 2048)  # recorded beside the record
+    assert store.load_record(first).horizons_tokens == (1024, 2048)  # run.json is never edited
 
 
 def test_failed_runs_exit_status_resume_and_restart(tmp_path: Path, capsys, monkeypatch) -> None:  # noqa: ANN001
@@ -184,12 +192,12 @@ def test_failed_runs_exit_status_resume_and_restart(tmp_path: Path, capsys, monk
     assert code == 1  # some runs failed
     code, out, _ = run_main(capsys, "--results", results, "status", "fake", "--format", "csv")
     assert code == 1 and out.count(",failed,") == 2
-    code, out, _ = run_main(capsys, "--results", results, "resume", "fake", "--dry-run",
-                            "--format", "json")  # fmt: skip
-    listed = json.loads(out)
-    assert code == 0 and len(listed) == 2 and {r["state"] for r in listed} == {"failed"}
+    code, out, err = run_main(capsys, "--results", results, "resume", "fake", "--dry-run")
     store = SweepStore(Path(results) / "fake")
-    failed = listed[0]["run_id"]
+    failed_ids = [r for r in store.run_ids() if store.status(r).state.value == "failed"]
+    assert code == 0 and "would start 2 runs" in err
+    assert all(rid in out for rid in failed_ids)
+    failed = failed_ids[0]
     (store.run_dir(failed) / "ckpt").mkdir()
     completed = next(r for r in store.run_ids() if store.status(r).state.value == "completed")
     (store.run_dir(completed) / "ckpt").mkdir()
@@ -235,8 +243,8 @@ def test_sigkill_launch_then_resume_with_the_real_trainer(tmp_path: Path) -> Non
     assert r.returncode == 0, r.stderr
     for rid in store.run_ids():
         events = read_events(store.run_dir(rid))
-        assert [e["state"] for e in events].count("completed") == 1
+        assert [e.state for e in events].count("completed") == 1
         summary = json.loads((store.run_dir(rid) / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["step"] > 0
         if before[rid] == "completed":
-            assert [e["state"] for e in events].count("running") == 1
+            assert [e.state for e in events].count("running") == 1

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from sweeper import RunState, Sweep
 from sweeper.backends import LaunchOptions
 from sweeper.backends.local import LocalBackend
 from sweeper.errors import SpecError
-from sweeper.launch import claim, prepare_sweep, select_runs
+from sweeper.records import LAUNCHABLE, RESUMABLE
 from sweeper.store import SweepStore, pid_alive, read_events
 from sweeper.worker import run_trial
 
@@ -38,11 +39,14 @@ FAKE_TRAINER = textwrap.dedent(
     resumed = (out / "ckpt.marker").exists()
     with open(out / "starts.log", "a") as f:
         f.write(f"{os.getpid()} {'resumed' if resumed else 'fresh'}\\n")
-    def summary(status):
-        (out / "summary.json").write_text(json.dumps({"status": status, "final_loss": 1.0}))
+    t = run["train"]
+    steps = max(t["horizons_tokens"]) // (t["batch_size"] * t["model"]["seq_len"])
+    def summary(status, step=steps):
+        doc = {"status": status, "step": step, "tokens": 0, "final_loss": 1.0}
+        (out / "summary.json").write_text(json.dumps(doc))
     def on_term(signum, frame):
         (out / "ckpt.marker").write_text("1")
-        summary("interrupted")
+        summary("interrupted", 1)
         sys.exit(75)
     signal.signal(signal.SIGTERM, on_term)
     if mode == "sleep":
@@ -87,9 +91,10 @@ horizons_tokens = [1024, 2048]
 [schedule]
 kind = "{schedule}"
 [backend]
-max_parallel = {max_parallel}
 command = [{json.dumps(sys.executable)}, {json.dumps(str(fake))}]
 stale_after_s = 30
+[backend.local]
+max_parallel = {max_parallel}
 """
     path = tmp_path / f"{name}.toml"
     path.write_text(text)
@@ -98,8 +103,7 @@ stale_after_s = 30
 
 @pytest.fixture
 def sweep(tmp_path: Path) -> SweepStore:
-    prep = prepare_sweep(fake_spec(tmp_path), tmp_path / "results")
-    return prep.store
+    return Sweep.create(fake_spec(tmp_path), tmp_path / "results").store
 
 
 def states(store: SweepStore) -> dict[str, str]:
@@ -107,7 +111,7 @@ def states(store: SweepStore) -> dict[str, str]:
 
 
 def count(store: SweepStore, rid: str, state: str) -> int:
-    return sum(e["state"] == state for e in read_events(store.run_dir(rid)))
+    return sum(e.state == state for e in read_events(store.run_dir(rid)))
 
 
 # -------------------------------------------------------------------------------------- worker
@@ -125,13 +129,14 @@ def test_run_trial_records_outcome(
     result = run_trial(sweep.root, rid, backend="local", job_id="j1")
     assert result == {"run_id": rid, "state": state, "exit_code": code}
     events = read_events(sweep.run_dir(rid))
-    assert [e["state"] for e in events] == ["running", state]
-    assert events[0]["job_id"] == "j1" and events[0]["attempt"] == 1 and events[0]["pid"]
+    assert [e.state for e in events] == ["running", state]
+    assert events[0].job_id == "j1" and events[0].attempt == 1 and events[0].pid
     if state == "failed":
-        assert "boom: something broke" in events[1]["stderr_tail"]
-        assert events[1]["exit_code"] == 1
+        assert "boom: something broke" in (events[1].stderr_tail or "")
+        assert "boom: something broke" in (events[1].reason or "")  # the real error, in status
+        assert events[1].exit_code == 1
     trial = json.loads((sweep.run_dir(rid) / "trial.json").read_text())
-    assert trial["train"] == sweep.load_record(rid)["train"]  # nothing machine-specific to fill
+    assert trial["train"] == sweep.load_record(rid).train.to_dict()  # nothing machine-specific
 
 
 def test_completed_run_is_never_run_again(sweep: SweepStore) -> None:
@@ -154,10 +159,11 @@ def test_locked_run_is_skipped(sweep: SweepStore) -> None:
 
 
 @pytest.mark.parametrize(
-    ("on_interrupt", "state"), [("cancelled", "cancelled"), ("requeue", "submitted")]
+    ("on_interrupt", "state"),
+    [(RunState.CANCELLED, "cancelled"), (RunState.SUBMITTED, "submitted")],
 )
 def test_stop_event_checkpoints_and_records(
-    sweep: SweepStore, monkeypatch: pytest.MonkeyPatch, on_interrupt: str, state: str
+    sweep: SweepStore, monkeypatch: pytest.MonkeyPatch, on_interrupt: RunState, state: str
 ) -> None:
     monkeypatch.setenv("FAKE_MODE", "sleep")
     monkeypatch.setenv("FAKE_SLEEP", "30")
@@ -170,7 +176,7 @@ def test_stop_event_checkpoints_and_records(
     assert time.monotonic() - t0 < 20
     assert result["state"] == state and result["exit_code"] == 75
     last = read_events(sweep.run_dir(rid))[-1]
-    assert last["reason"] == "interrupted"
+    assert last.reason == "interrupted"
     assert (sweep.run_dir(rid) / "ckpt.marker").exists()
     assert time.time() - (sweep.run_dir(rid) / "heartbeat").stat().st_mtime < 10
     # the next attempt resumes from the checkpoint
@@ -205,7 +211,7 @@ def test_worker_module_forwards_sigterm(sweep: SweepStore) -> None:
     assert proc.returncode == 1
     assert json.loads(out)["state"] == "cancelled"
     events = read_events(sweep.run_dir(rid))
-    assert events[-1]["job_id"] == "42" and events[-1]["backend"] == "slurm"
+    assert events[-1].job_id == "42" and events[-1].backend == "slurm"
 
 
 def test_worker_module_bad_run_id(sweep: SweepStore) -> None:
@@ -222,13 +228,14 @@ def test_worker_module_bad_run_id(sweep: SweepStore) -> None:
 
 
 def _launch(store: SweepStore, *, resume: bool = False, parallel: int = 2) -> list[str]:
-    backend = LocalBackend()
+    sweep = Sweep.open(store.root)
+    wanted = RESUMABLE if resume else LAUNCHABLE
     with store.lock():
-        backend.reconcile(store)
-        ids = select_runs(store, resume=resume)
-        claim(store, ids, "local")
-    backend.launch(store, ids, LaunchOptions(max_parallel=parallel, progress=False))
-    return ids
+        LocalBackend().reconcile(store)
+        runs = sweep._select(wanted)
+        sweep._claim(runs, "local")
+    LocalBackend().launch(store, runs, LaunchOptions(max_parallel=parallel, progress=False))
+    return [r.id for r in runs]
 
 
 def test_local_backend_runs_everything(sweep: SweepStore, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -260,20 +267,20 @@ def test_omp_threads_reach_the_trainer_config(sweep: SweepStore) -> None:
 
 
 def test_branches_wait_for_their_trunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = prepare_sweep(
+    store = Sweep.create(
         fake_spec(tmp_path, lrs="[0.125]", batches="[4]", schedule="wsd"), tmp_path / "results"
     ).store
     monkeypatch.setenv("FAKE_MODE", "sleep")
     monkeypatch.setenv("FAKE_SLEEP", "0.3")
     _launch(store, parallel=3)
     records = {rid: store.load_record(rid) for rid in store.run_ids()}
-    trunk = next(r for r, rec in records.items() if rec["kind"] == "trunk")
+    trunk = next(r for r, rec in records.items() if rec.kind == "trunk")
     done = read_events(store.run_dir(trunk))[-1]
-    assert done["state"] == "completed"
+    assert done.state == "completed"
     for rid, rec in records.items():
-        if rec["kind"] == "branch":
-            started = next(e for e in read_events(store.run_dir(rid)) if e["state"] == "running")
-            assert started["ts"] >= done["ts"]
+        if rec.kind == "branch":
+            started = next(e for e in read_events(store.run_dir(rid)) if e.state == "running")
+            assert started.ts >= done.ts
             trial = json.loads((store.run_dir(rid) / "trial.json").read_text())
             assert trial["train"]["branch"]["run_dir"] == str(store.run_dir(trunk).resolve())
     assert set(states(store).values()) == {"completed"}
@@ -282,14 +289,14 @@ def test_branches_wait_for_their_trunk(tmp_path: Path, monkeypatch: pytest.Monke
 def test_branch_of_failed_trunk_is_cancelled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = prepare_sweep(
+    store = Sweep.create(
         fake_spec(tmp_path, lrs="[0.125]", batches="[4]", schedule="wsd"), tmp_path / "results"
     ).store
     monkeypatch.setenv("FAKE_MODE", "fail")
     _launch(store)
     for rid in store.run_ids():
         st = store.status(rid)
-        if store.load_record(rid)["kind"] == "branch":
+        if store.load_record(rid).kind == "branch":
             assert st.state.value == "cancelled" and "trunk" in st.reason
             assert count(store, rid, "running") == 0
 
@@ -318,6 +325,13 @@ def _wait_for(cond, timeout: float = 60.0) -> None:  # noqa: ANN001
         time.sleep(0.05)
 
 
+def _pid(path: Path) -> int:
+    try:
+        return int(json.loads(path.read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return 0  # the worker removed or is replacing the file
+
+
 def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:  # noqa: ANN003
     return subprocess.Popen(
         [SWEEPER, *args],
@@ -342,7 +356,7 @@ def test_sigkill_mid_sweep_then_resume_completes_each_run_once(tmp_path: Path) -
         st = list(states(store).values())
         # a live trainer too: between a trainer's exit and its final event the run still reads
         # "running" but has no trainer left to orphan
-        live = any(pid_alive(int(p.read_text())) for p in store.runs_dir.glob("*/trainer.pid"))
+        live = any(pid_alive(_pid(p)) for p in store.runs_dir.glob("*/trainer.pid"))
         return "completed" in st and "running" in st and live
 
     _wait_for(progressed)
@@ -350,7 +364,7 @@ def test_sigkill_mid_sweep_then_resume_completes_each_run_once(tmp_path: Path) -
     proc.communicate(timeout=30)
     before = states(store)
     # parent-death signal: no orphan trainer keeps writing into a run directory
-    pids = [int(p.read_text()) for p in store.runs_dir.glob("*/trainer.pid")]
+    pids = [_pid(p) for p in store.runs_dir.glob("*/trainer.pid")]
     assert pids
     _wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=20)
     completed_before = [r for r, s in before.items() if s == "completed"]
@@ -401,6 +415,7 @@ def test_sigint_stops_trials_cleanly(tmp_path: Path) -> None:
     _wait_for(lambda: store.exists() and len(list(store.runs_dir.glob("*/starts.log"))) == 2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err  # the documented exit status of an interrupted launch
     st = store.statuses()
     assert {s.state.value for s in st.values()} == {"cancelled"}, err
     reasons = sorted(s.reason for s in st.values())
@@ -436,18 +451,18 @@ def test_cancel_command_stops_running_runs(tmp_path: Path) -> None:
     assert set(states(store).values()) == {"cancelled"}
 
 
-def test_replan_adds_extra_points_once(sweep: SweepStore) -> None:
-    from sweeper.launch import replan
-
+def test_apply_adds_extra_points_once(sweep: SweepStore) -> None:
+    s = Sweep.open(sweep.root)
     before = set(sweep.run_ids())
     points = [{"model": "test-micro", "lr": 0.03125, "batch_size": 8, "source": "refine"}]
-    (sweep.root / "extra_points.json").write_text(json.dumps(points))
-    new = replan(sweep.root)
+    new = s.apply(points)
     assert len(new) == 1 and set(sweep.run_ids()) == before | set(new)
     rec = sweep.load_record(new[0])
-    assert rec["source"] == "refine" and rec["derived"]["horizons_tokens"] == [1024, 2048]
+    assert rec.source == "refine" and rec.horizons_tokens == (1024, 2048)
     assert new[0] in json.loads((sweep.root / "plan.json").read_text())["runs"]
-    assert replan(sweep.root) == []  # idempotent
+    assert s.apply(points) == []  # idempotent
+    with pytest.raises(SpecError, match="proposal"):
+        s.apply([{"model": "nope", "lr": 1}])
     (sweep.root / "extra_points.json").write_text(json.dumps([{"model": "nope", "lr": 1}]))
     with pytest.raises(SpecError, match="extra_points.json"):
-        replan(sweep.root)
+        s.replan()

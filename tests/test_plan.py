@@ -10,7 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sweeper.errors import SpecError
-from sweeper.plan import GridPoint, extra_point, log2_tag, plan_sweep, run_id
+import dataclasses
+
+from sweeper.plan import GridPoint, _replace, extra_point, log2_tag, plan_sweep
+from sweeper.records import RunRecord, run_id
 from sweeper.spec import SweepSpec, branch_step, parse_spec_text
 from trainer.config import TrainConfig
 
@@ -61,7 +64,7 @@ def test_grid_sizes_and_sharing(a: dict) -> None:
     if a["schedule"] == "constant":
         assert kinds == {"single": points}
         assert all(
-            r.train["horizons_tokens"] == sorted(2**e for e in a["horizon_exps"]) for r in plan.runs
+            list(r.horizons_tokens) == sorted(2**e for e in a["horizon_exps"]) for r in plan.runs
         )
     elif a["schedule"] == "cosine":
         assert kinds == {"single": points * n_d}
@@ -108,19 +111,20 @@ def test_constant_runs_keep_ids_when_a_smaller_horizon_is_added(a: dict) -> None
 def test_wsd_branches_fork_from_their_trunk() -> None:
     plan = plan_sweep(make_spec([-4], [4], [9, 10, 11], schedule="wsd"))
     trunk, *branches = plan.runs
-    assert trunk.kind == "trunk" and trunk.train["schedule"]["kind"] == "constant"
+    assert trunk.kind == "trunk" and trunk.train.schedule.kind == "constant"
     tps = 4 * SEQ
     for b, d in zip(branches, [2**9, 2**10, 2**11], strict=True):
         steps = d // tps
         assert b.parent == trunk.id
-        assert b.train["branch"] == {
-            "run_dir": f"runs/{trunk.id}",
-            "step": branch_step(steps, 0.25),
-        }
-        assert b.train["schedule"]["kind"] == "wsd" and b.train["schedule"]["total_steps"] == steps
-        assert b.train["branch"]["step"] in trunk.train["checkpoint_steps"]
-        assert b.derived["trained_tokens"] == d - b.train["branch"]["step"] * tps
-    assert trunk.train["checkpoint_steps"] == [6, 12, 24]
+        assert b.train.branch is not None
+        assert (b.train.branch.run_dir, b.train.branch.step) == (
+            f"runs/{trunk.id}",
+            branch_step(steps, 0.25),
+        )
+        assert b.train.schedule.kind == "wsd" and b.train.schedule.total_steps == steps
+        assert b.train.branch.step in trunk.train.checkpoint_steps
+        assert b.trained_tokens == d - b.train.branch.step * tps
+    assert trunk.train.checkpoint_steps == (6, 12, 24)
     assert plan.totals["sharing_saved_fraction"] > 0.3
 
 
@@ -130,17 +134,32 @@ def test_every_planned_config_is_a_valid_train_config() -> None:
             make_spec([-6, -3], [2, 8], [10, 11], schedule=schedule, scales=[[1, 0.125, 1]])
         )
         for r in plan.runs:
-            cfg = TrainConfig.from_dict(r.train)
-            assert cfg.to_dict() == r.train  # canonical, resolved: what the id hashes
-            assert r.derived["steps"] == cfg.total_steps
-            # the fast templated hash is exactly the hash of the full canonical JSON
-            hashed = dict(r.train)
+            d = r.train.to_dict()
+            cfg = TrainConfig.from_dict(d)
+            assert cfg == r.train  # the planner's fast copies equal a validated config
+            assert r.steps == cfg.total_steps
+            # the id is the hash of the full canonical JSON of the record's config
             if r.kind == "single":
-                hashed["horizons_tokens"] = r.train["horizons_tokens"][-1:]
-            assert r.id == run_id(r.slug, r.kind, hashed)
-            assert r.derived["flops"] == pytest.approx(
-                6 * cfg.model.n_params() * r.derived["trained_tokens"]
-            )
+                d["horizons_tokens"] = d["horizons_tokens"][-1:]
+            assert r.id == run_id(r.slug, r.kind, d)
+            assert r.flops == pytest.approx(cfg.flops_per_token() * r.trained_tokens)
+            assert RunRecord.from_dict(r.to_dict()) == r  # JSON round trip
+
+
+def test_flops_count_non_embedding_parameters_and_attention() -> None:
+    # Kaplan et al. (2020): C = 6 N_non-embedding + 6 n_layer n_ctx d_attn per token
+    cfg = plan_sweep(make_spec([-4], [4], [10])).runs[0].train
+    m = cfg.model
+    per_layer = 4 * m.d_model * m.d_model + 3 * m.d_model * m.mlp_hidden
+    expected = 6 * m.n_layers * per_layer + 6 * m.n_layers * m.seq_len * m.d_model
+    assert cfg.flops_per_token() == expected
+
+
+def test_fast_replace_equals_dataclasses_replace() -> None:
+    cfg = plan_sweep(make_spec([-4], [4], [10])).runs[0].train
+    changes = {"batch_size": 8, "seed": 3, "horizons_tokens": (512,)}
+    assert _replace(cfg, **changes) == dataclasses.replace(cfg, **changes)
+    assert hash(_replace(cfg, **changes)) == hash(dataclasses.replace(cfg, **changes))
 
 
 def test_slugs_are_readable() -> None:
@@ -154,7 +173,7 @@ def test_window_keeps_k_points_around_the_law() -> None:
     spec = make_spec(
         list(range(-10, 0)), [4], [10], window="[window]\na = 0\nb = 0\nc = -5\nk = 1\n"
     )
-    lrs = sorted(r.derived["lr"] for r in plan_sweep(spec).runs)
+    lrs = sorted(r.lr for r in plan_sweep(spec).runs)
     assert [math.log2(x) for x in lrs] == [-6, -5, -4]
 
 
@@ -191,4 +210,7 @@ decay_fraction = 0.3
 """
     plan = plan_sweep(parse_spec_text(text, "odd.toml"))
     for r in plan.runs:
-        assert r.id == run_id(r.slug, r.kind, r.train)
+        d = r.train.to_dict()
+        if r.kind == "single":
+            d["horizons_tokens"] = d["horizons_tokens"][-1:]
+        assert r.id == run_id(r.slug, r.kind, d)

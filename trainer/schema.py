@@ -156,7 +156,7 @@ class Summary:
         if type(raw) is not dict:
             raise SchemaError("summary.json: expected a JSON object")
         try:
-            status = Status(raw.get("status"))
+            status = Status(str(raw.get("status")))
         except ValueError:
             raise SchemaError(f"summary.json: status = {raw.get('status')!r}: unknown") from None
         step, tokens = raw.get("step"), raw.get("tokens")
@@ -165,6 +165,7 @@ class Summary:
                 raise SchemaError(f"summary.json: {key} = {value!r}: expected an integer >= 0")
         diverged = raw.get("diverged_step")
         reason = raw.get("reason")
+        assert isinstance(step, int) and isinstance(tokens, int)  # checked above
         return cls(
             status=status,
             step=step,

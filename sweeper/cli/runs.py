@@ -73,7 +73,7 @@ def launch_cmd(
       sweeper launch sweeps/demo.toml --max-parallel 2
       sweeper launch sweeps/slurm.toml --backend slurm --dry-run
     """
-    sweep = Sweep.create(spec, results_dir(ctx, results_here), write=not dry_run)
+    sweep = Sweep.create(spec, results_dir(ctx, results_here), write=not dry_run, backend=backend)
     if not dry_run:
         err.print(f"sweep {sweep.spec.name} at {sweep.root}: {len(sweep.new_ids)} new runs")
     report = sweep.launch(
