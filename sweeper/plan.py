@@ -137,6 +137,7 @@ class _Planner:
         self._optims: dict[tuple[Any, ...], tuple[OptimConfig, dict[str, Any]]] = {}
         self._json: dict[tuple[Any, ...], Any] = {}
         self._schedules: dict[tuple[Any, ...], ScheduleConfig] = {}
+        self.params = run_params(spec)
 
     def expand(self, p: GridPoint) -> list[RunRecord]:
         kind = self.spec.schedule.kind
@@ -210,6 +211,7 @@ class _Planner:
             resources=spec.resources,
             source=p.source,
             command=spec.backend.command,
+            params=self.params,
         )
 
     def _slug(self, p: GridPoint) -> str:
@@ -226,7 +228,7 @@ class _Planner:
         cfg, d = self._train(p, horizons)
         slug = self._slug(p) + suffix
         # Only the largest horizon enters the id: adding a smaller horizon keeps a finished run.
-        rid = run_id(slug, RunKind.SINGLE, {**d, "horizons_tokens": [horizons[-1]]})
+        rid = run_id(slug, RunKind.SINGLE, {**d, "horizons_tokens": [horizons[-1]]}, self.params)
         self.unshared_flops += cfg.flops_per_token() * sum(horizons)
         return self._record(p, RunKind.SINGLE, slug, cfg, rid, None)
 
@@ -241,17 +243,28 @@ class _Planner:
             p, tuple(s * tps for s in trunk_steps), schedule=constant, checkpoint_steps=trunk_steps
         )
         slug = self._slug(p)
-        tid = run_id(f"{slug}_trunk", RunKind.TRUNK, td)
+        tid = run_id(f"{slug}_trunk", RunKind.TRUNK, td, self.params)
         runs = [self._record(p, RunKind.TRUNK, f"{slug}_trunk", tcfg, tid, None)]
         for d in self.horizons:
             decay = self._schedule(sched, "wsd", d // tps)
             branch = BranchConfig(run_dir=f"runs/{tid}", step=points[d])
             cfg, bd = self._train(p, (d,), schedule=decay, branch=branch)
             bslug = f"{slug}_D{tokens_tag(d)}"
-            bid = run_id(bslug, RunKind.BRANCH, bd)
+            bid = run_id(bslug, RunKind.BRANCH, bd, self.params)
             runs.append(self._record(p, RunKind.BRANCH, bslug, cfg, bid, tid))
             self.unshared_flops += cfg.flops_per_token() * d
         return runs
+
+
+def run_params(spec: SweepSpec) -> dict[str, Any] | None:
+    """The free-form params every run of the sweep carries: each optional section that has a
+    ``run_params()`` contributes its dict (e.g. the simulator's surface), keyed by section name."""
+    params = {
+        name: section.run_params()
+        for name, section in spec.sections
+        if hasattr(section, "run_params")
+    }
+    return params or None
 
 
 def _replace(obj: Any, **changes: Any) -> Any:

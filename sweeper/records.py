@@ -217,10 +217,16 @@ class Resources:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
-def run_id(slug: str, kind: str, train: Mapping[str, Any]) -> str:
+def run_id(
+    slug: str, kind: str, train: Mapping[str, Any], params: Mapping[str, Any] | None = None
+) -> str:
     """``<slug>-<8 hex>``: the sha256 of the canonical JSON (sorted keys, compact) of the run's
-    kind and resolved TrainConfig dict. The only run-id function."""
-    blob = orjson.dumps({"kind": kind, "train": train}, option=orjson.OPT_SORT_KEYS)
+    kind, resolved TrainConfig dict and (when present) its free-form params. The only run-id
+    function."""
+    doc: dict[str, Any] = {"kind": kind, "train": train}
+    if params:
+        doc["params"] = params
+    blob = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
     return f"{slug}-{hashlib.sha256(blob).hexdigest()[:8]}"
 
 
@@ -243,6 +249,9 @@ class RunRecord:
     resources: Resources = Resources()
     source: str = "grid"
     command: tuple[str, ...] | None = None
+    # free-form, JSON-able values the planner passes through to the trainer unchanged (e.g. an
+    # external trainer's own axes, the simulator's surface); part of the id
+    params: Mapping[str, Any] | None = None
 
     # ---- derived quantities: one place, from the config
     @property
@@ -308,6 +317,7 @@ class RunRecord:
             "train": self.train.to_dict(),
             "resources": self.resources.to_dict(),
             "command": list(self.command) if self.command else None,
+            "params": dict(self.params) if self.params else None,
         }
 
     @classmethod
@@ -344,6 +354,7 @@ class RunRecord:
             resources=_resources(raw.get("resources")),
             source=_string(raw, "source", "grid"),
             command=_command(raw.get("command")),
+            params=_params(raw.get("params")),
         )
 
 
@@ -367,6 +378,14 @@ def _resources(raw: Any) -> Resources:
         if not ok or value <= 0 and f.name != "gpus_per_node" or value < 0:
             raise RecordError(f"resources.{f.name} = {_short(value)}: bad value")
     return Resources.from_dict(raw)
+
+
+def _params(raw: Any) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    if type(raw) is not dict:
+        raise RecordError(f"params = {_short(raw)}: expected an object")
+    return raw
 
 
 def _command(raw: Any) -> tuple[str, ...] | None:

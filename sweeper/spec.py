@@ -15,6 +15,7 @@ Every error is a :class:`~sweeper.errors.SpecError` naming the file, key and val
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import os
 import re
@@ -131,6 +132,11 @@ class SweepSpec:
     description: str = ""
     max_runs: int = DEFAULT_MAX_RUNS
     text: str = ""  # the TOML it was read from (stored as the sweep's spec.toml)
+    sections: tuple[tuple[str, Any], ...] = ()  # parsed optional sections (see SECTIONS)
+
+    def section(self, name: str) -> Any:
+        """The parsed optional section ``name`` (``tracking``, ``simulator``, ...), or None."""
+        return dict(self.sections).get(name)
 
     def model(self, name: str) -> ModelSpec:
         for m in self.models:
@@ -189,6 +195,14 @@ _TOP_KEYS = {
     "backend",
     "resources",
     "max_runs",
+}
+# Optional sections owned by other modules: each parser takes (table, file) and returns a frozen
+# config or raises SpecError naming the key. Imported only when the section is present.
+SECTIONS: dict[str, str] = {
+    "tracking": "sweeper.tracking:parse_section",
+    "simulator": "sweeper.simulator:parse_section",
+    "autopilot": "sweeper.autopilot:parse_section",
+    "trainer": "sweeper.external:parse_section",
 }
 
 
@@ -258,7 +272,7 @@ def _check_depth(node: Any, file: str, where: str, depth: int) -> None:
 
 def parse_spec(raw: dict[str, Any], file: str) -> SweepSpec:
     """Validate a parsed spec dict into a :class:`SweepSpec`."""
-    _no_unknown(raw, _TOP_KEYS, "", file)
+    _no_unknown(raw, _TOP_KEYS | set(SECTIONS), "", file)
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise SpecError(file, "name", name, "required; letters, digits, _ and - only (max 64)")
@@ -302,10 +316,23 @@ def parse_spec(raw: dict[str, Any], file: str) -> SweepSpec:
         backend=_backend(_table(raw, "backend", file), file),
         resources=_resources(_table(raw, "resources", file), file),
         max_runs=_int_in(raw.get("max_runs", DEFAULT_MAX_RUNS), "max_runs", file, 1, 10_000_000),
+        sections=_sections(raw, file),
     )
     _check_run_count(spec)
     _validate_runs(spec)
     return spec
+
+
+def _sections(raw: dict[str, Any], file: str) -> tuple[tuple[str, Any], ...]:
+    """Parse the optional sections present, each by its own module."""
+    out = []
+    for name, target in SECTIONS.items():
+        if name not in raw:
+            continue
+        module, attr = target.split(":")
+        parse = getattr(importlib.import_module(module), attr)
+        out.append((name, parse(_table(raw, name, file), file)))
+    return tuple(out)
 
 
 def _check_run_count(spec: SweepSpec) -> None:
