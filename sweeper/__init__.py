@@ -16,6 +16,7 @@ The library API (the ``sweeper`` command line is a thin layer over it)::
 from __future__ import annotations
 
 from sweeper.errors import BackendError, SpecError, StoreError, SweepError
+from sweeper.live import LiveView, RunProgress, SweepSummary, filter_rows, natural_key
 from sweeper.records import Resources, RunEvent, RunKind, RunRecord, RunState
 from sweeper.spec import SweepSpec, load_spec
 from sweeper.store import RunStatus
@@ -26,6 +27,9 @@ __version__ = "0.2.0"
 __all__ = [
     "BackendError",
     "LaunchReport",
+    "LiveView",
+    "RunProgress",
+    "SweepSummary",
     "Resources",
     "RunEvent",
     "RunKind",
@@ -38,6 +42,8 @@ __all__ = [
     "SweepError",
     "SweepSpec",
     "__version__",
+    "filter_rows",
     "load_spec",
+    "natural_key",
     "plan",
 ]

@@ -51,8 +51,15 @@ FAKE_TRAINER = textwrap.dedent(
     signal.signal(signal.SIGTERM, on_term)
     if mode == "sleep":
         end = time.time() + float(os.environ.get("FAKE_SLEEP", "1"))
+        n = 0
         while time.time() < end:
             time.sleep(0.02)
+            n += 1
+            if n % 5 == 0:  # a metrics line now and then, like a trainer at its log cadence
+                line = {"step": n // 5, "tokens": 64 * (n // 5), "train_loss": 5.0 - 0.01 * n,
+                        "output_norm": 1.0 + 0.001 * n, "tokens_per_s": 640.0}
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(line) + "\\n")
     if mode == "fail":
         print("boom: something broke", file=sys.stderr)
         sys.exit(1)

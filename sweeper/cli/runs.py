@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from sweeper import LaunchReport, RunState, Sweep, load_spec, plan
+from sweeper import LaunchReport, Sweep, load_spec, plan
 from sweeper.cli import results_dir, results_option
 from sweeper.cli.output import FORMATS, counts_line, emit, err, out
 from sweeper.cli.summary import optimum_tables, plan_rows, plan_summary
@@ -144,45 +144,6 @@ def _report(sweep: Sweep, report: LaunchReport) -> int:
         for table in optimum_tables(sweep):
             out.print(table)
     return 1 if report.failed else 0
-
-
-@click.command("status")
-@click.argument("sweep")
-@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
-@click.option(
-    "--state",
-    "states",
-    multiple=True,
-    type=click.Choice([s.value for s in RunState]),
-    help="Only runs in these states.",
-)
-@click.option("--refresh", is_flag=True, help="Ask the backends (schedulers) for news first.")
-@results_option
-@click.pass_context
-def status_cmd(
-    ctx: click.Context,
-    sweep: str,
-    fmt: str,
-    states: tuple[str, ...],
-    refresh: bool,
-    results_here: str | None,
-) -> int:
-    """Show the state of every run of SWEEP. Exit status 1 if any run failed.
-
-    \b
-    Example:
-      sweeper status demo --state failed --format json
-    """
-    s = Sweep.open(sweep, results_dir(ctx, results_here))
-    statuses = s.status(refresh=refresh)
-    counts: dict[str, int] = {}
-    for st in statuses:
-        counts[st.state.value] = counts.get(st.state.value, 0) + 1
-    rows = [st.to_dict() for st in statuses if not states or st.state.value in states]
-    cols = ["run_id", "state", "attempt", "backend", "job_id", "host", "pid", "exit_code", "reason"]
-    emit(rows, fmt, f"{s.root.name}: {counts_line(counts)}", cols)
-    bad = counts.get(RunState.FAILED.value, 0) + counts.get(RunState.ERROR.value, 0)
-    return 1 if bad else 0
 
 
 @click.command("cancel")
