@@ -312,6 +312,10 @@ class TrainConfig:
     seed: int = 30
     horizons_tokens: tuple[int, ...] = (2**20,)
     log_every: int = 10  # steps; every horizon step is logged as well
+    # tokens between metrics lines; when set it overrides log_every, so that runs at different
+    # batch sizes log at the same token counts (the paper: every 2^26 tokens)
+    log_every_tokens: int | None = None
+    val_every_tokens: int | None = None  # tokens between validation losses (besides horizons)
     val_tokens: int = 65_536  # validation tokens evaluated at each horizon
     checkpoint_every: int = 100  # steps; 0 = only on signals / horizons / checkpoint_steps
     checkpoint_at_horizons: bool = False
@@ -340,6 +344,20 @@ class TrainConfig:
     @property
     def horizon_steps(self) -> tuple[int, ...]:
         return tuple(d // self.tokens_per_step for d in self.horizons_tokens)
+
+    @property
+    def log_interval(self) -> int:
+        """Steps between metrics lines: ``log_every_tokens`` as steps if set, else ``log_every``."""
+        if self.log_every_tokens is not None:
+            return max(1, self.log_every_tokens // self.tokens_per_step)
+        return self.log_every
+
+    @property
+    def val_interval(self) -> int | None:
+        """Steps between validation losses besides the horizons (None: horizons only)."""
+        if self.val_every_tokens is None:
+            return None
+        return max(1, self.val_every_tokens // self.tokens_per_step)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward), Kaplan et al. (2020), eq. 2.2:
@@ -380,6 +398,14 @@ class TrainConfig:
             raise ConfigError(
                 f"branch.step = {self.branch.step}: must be below total steps {self.total_steps}"
             )
+        for key in ("log_every_tokens", "val_every_tokens"):
+            every = getattr(self, key)
+            if every is not None and (every <= 0 or every % tps):
+                raise ConfigError(
+                    f"{key} = {every}: must be a positive multiple of batch_size*seq_len = "
+                    f"{self.batch_size}*{self.model.seq_len} = {tps} (the cadence in tokens must "
+                    "be whole steps at every batch size)"
+                )
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ConfigError(f"micro_batch_size = {self.micro_batch_size}: must be >= 1")
         if self.threads is not None and not 1 <= self.threads <= 1024:
@@ -473,24 +499,39 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         raise ConfigError(f"{where or 'config'}: {e}") from None
 
 
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
+@functools.cache
+def _shape(tp: Any) -> tuple[str, Any]:
+    """What kind of annotation ``tp`` is, worked out once per type (typing's introspection would
+    otherwise dominate reading a record)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
+        return ("optional" if type(None) in args else "union", inner[0])
     if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key} = {value!r}: must be one of {', '.join(map(repr, args))}")
-        return value
+        return ("literal", args)
     if origin is tuple:
+        return ("tuple", args[0])
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return ("dataclass", tp)
+    return ("scalar", tp)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    kind, arg = _shape(tp)
+    if kind in ("optional", "union"):
+        if value is None and kind == "optional":
+            return None
+        return _coerce(arg, value, key)
+    if kind == "literal":
+        if value not in arg:
+            raise ConfigError(f"{key} = {value!r}: must be one of {', '.join(map(repr, arg))}")
+        return value
+    if kind == "tuple":
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key} = {value!r}: expected a list")
-        return tuple(_coerce(args[0], v, key) for v in value)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
+        return tuple(_coerce(arg, v, key) for v in value)
+    if kind == "dataclass":
+        return _build(arg, value, key)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} = {value!r}: expected true or false")

@@ -421,7 +421,15 @@ class Trainer:
         return {f"lr_{r}": lrs.get(r) for r in ("in", "hidden", "out")}
 
     def _is_log_step(self, step: int) -> bool:
-        return step % self.cfg.log_every == 0 or step in self.horizons or step == self.total_steps
+        return (
+            step % self.cfg.log_interval == 0
+            or step == self.total_steps
+            or self._is_val_step(step)  # horizons included
+        )
+
+    def _is_val_step(self, step: int) -> bool:
+        every = self.cfg.val_interval
+        return step in self.horizons or (every is not None and step % every == 0)
 
     def _checkpoint_due(self, step: int) -> bool:
         every = self.cfg.checkpoint_every
@@ -516,7 +524,7 @@ class Trainer:
         step_time: float,
     ) -> dict[str, float]:
         horizon = step in self.horizons
-        val = self._val_loss() if horizon else None  # every rank takes part
+        val = self._val_loss() if self._is_val_step(step) else None  # every rank takes part
         if writer is None:
             return {}
         norms = weight_norms(self.model)
@@ -535,7 +543,7 @@ class Trainer:
             "step_time_s": step_time,
             "horizon": horizon,
         }
-        if horizon:
+        if val is not None:
             row["val_loss"] = val
         writer.write(row)
         log.info(
