@@ -15,6 +15,8 @@ The library API (the ``sweeper`` command line is a thin layer over it)::
 
 from __future__ import annotations
 
+from sweeper.calibrate import calibrate
+from sweeper.cost import CostConfig, cost_rows, needs_confirmation
 from sweeper.errors import BackendError, SpecError, StoreError, SweepError
 from sweeper.live import LiveView, RunProgress, SweepSummary, filter_rows, natural_key
 from sweeper.records import Resources, RunEvent, RunKind, RunRecord, RunState
@@ -26,6 +28,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "BackendError",
+    "CostConfig",
     "LaunchReport",
     "LiveView",
     "RunProgress",
@@ -42,8 +45,11 @@ __all__ = [
     "SweepError",
     "SweepSpec",
     "__version__",
+    "calibrate",
+    "cost_rows",
     "filter_rows",
     "load_spec",
     "natural_key",
+    "needs_confirmation",
     "plan",
 ]

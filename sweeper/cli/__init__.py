@@ -25,6 +25,7 @@ COMMANDS = {
     "status": "sweeper.cli.status:status_cmd",
     "logs": "sweeper.cli.status:logs_cmd",
     "cancel": "sweeper.cli.runs:cancel_cmd",
+    "calibrate": "sweeper.cli.runs:calibrate_cmd",
     "collect": "sweeper.cli.tables:collect_cmd",
     "export": "sweeper.cli.tables:export_cmd",
     "analyze": "sweeper.analysis.commands:analyze",

@@ -1,10 +1,24 @@
-"""Commands that plan, start, follow and stop runs: plan, launch, resume, status, cancel."""
+"""Commands that plan, cost, start and stop runs: plan, calibrate, launch, resume, cancel."""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import click
 
-from sweeper import LaunchReport, Sweep, load_spec, plan
+from sweeper import (
+    LaunchReport,
+    SpecError,
+    Sweep,
+    SweepSpec,
+    calibrate,
+    cost_rows,
+    load_spec,
+    needs_confirmation,
+    plan,
+)
 from sweeper.cli import results_dir, results_option
 from sweeper.cli.output import FORMATS, counts_line, emit, err, out
 from sweeper.cli.summary import optimum_tables, plan_rows, plan_summary
@@ -15,30 +29,44 @@ _PLAN_COLUMNS = ["id", "kind", "model", "lr", "batch_size", "seed", "steps", "to
 @click.command("plan")
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@click.option("--runs", "per_run", is_flag=True, help="One line per run instead of per (model, B).")
 @click.option(
     "--limit",
     type=int,
     default=50,
     show_default=True,
-    help="Runs shown in the table (0 = all); json/csv list every run.",
+    help="Runs shown with --runs in a table (0 = all); json/csv list every run.",
 )
-def plan_cmd(spec: str, fmt: str, limit: int) -> int:
-    """Validate SPEC and show its runs and total compute; writes nothing.
+def plan_cmd(spec: str, fmt: str, per_run: bool, limit: int) -> int:
+    """Validate SPEC and show its cost per (model, B): runs, tokens, FLOPs, GPU-hours (with a
+    [cost] throughput table); --runs lists every run. Writes nothing.
 
     \b
     Example:
-      sweeper plan sweeps/demo.toml --format csv > runs.csv
+      sweeper plan sweeps/paper-proxy.toml
+      sweeper plan sweeps/demo.toml --runs --format csv > runs.csv
     """
     s = load_spec(spec)
     runs = plan(s)
-    rows = plan_rows(runs)
-    shown = rows if fmt != "table" or limit <= 0 else rows[:limit]
-    emit(shown, fmt, f"sweep {s.name}: {len(rows)} runs", _PLAN_COLUMNS)
-    if fmt == "table":
-        if len(shown) < len(rows):
+    if per_run:
+        rows = plan_rows(runs)
+        shown = rows if fmt != "table" or limit <= 0 else rows[:limit]
+        emit(shown, fmt, f"sweep {s.name}: {len(rows)} runs", _PLAN_COLUMNS)
+        if fmt == "table" and len(shown) < len(rows):
             out.print(f"... {len(rows) - len(shown)} more (--limit 0 shows all)")
+    else:
+        emit(
+            cost_rows(runs, s.section("cost")),
+            fmt,
+            f"sweep {s.name}: cost per (model, B)",
+            _COST_COLUMNS,
+        )
+    if fmt == "table":
         out.print(plan_summary(s, runs))
     return 0
+
+
+_COST_COLUMNS = ["model", "batch_size", "runs", "tokens", "flops", "gpu_hours", "longest_run_h"]
 
 
 @click.command("launch")
@@ -52,6 +80,7 @@ def plan_cmd(spec: str, fmt: str, limit: int) -> int:
 )
 @click.option("--dry-run", is_flag=True, help="Show what would be submitted; write nothing.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before a large launch.")
 @results_option
 @click.pass_context
 def launch_cmd(
@@ -61,19 +90,24 @@ def launch_cmd(
     max_parallel: int | None,
     dry_run: bool,
     no_progress: bool,
+    yes: bool,
     results_here: str | None,
 ) -> int:
     """Create (or extend) the sweep of SPEC under --results and start its planned runs.
 
     Re-launching with an unchanged spec continues the sweep; a changed spec adds only new runs (the
-    old spec is kept as spec.<timestamp>.toml). Exit status 1 if any run failed.
+    old spec is kept as spec.<timestamp>.toml). Above [cost] confirm_runs / confirm_gpu_hours it
+    asks first (--yes skips; without a terminal it refuses). Exit status 1 if any run failed.
 
     \b
     Example:
       sweeper launch sweeps/demo.toml --max-parallel 2
       sweeper launch sweeps/slurm.toml --backend slurm --dry-run
     """
-    sweep = Sweep.create(spec, results_dir(ctx, results_here), write=not dry_run, backend=backend)
+    s = load_spec(spec)
+    if not dry_run and not yes:
+        confirm(s)
+    sweep = Sweep.create(s, results_dir(ctx, results_here), write=not dry_run, backend=backend)
     if not dry_run:
         err.print(f"sweep {sweep.spec.name} at {sweep.root}: {len(sweep.new_ids)} new runs")
     report = sweep.launch(
@@ -127,6 +161,16 @@ def resume_cmd(
     return _report(s, report)
 
 
+def confirm(spec: SweepSpec) -> None:
+    """Ask before a launch above the spec's [cost] thresholds (non-interactive: refuse)."""
+    why = needs_confirmation(plan(spec), spec.section("cost"))
+    if why is None:
+        return
+    if not sys.stdin.isatty():
+        raise SpecError(spec.file, None, message=f"launch would start {why}; pass --yes to confirm")
+    click.confirm(f"launch {spec.name}: {why}. Continue?", abort=True, err=True)
+
+
 def _report(sweep: Sweep, report: LaunchReport) -> int:
     if report.dry_run:
         click.echo(report.description)
@@ -162,4 +206,36 @@ def cancel_cmd(ctx: click.Context, sweep: str, results_here: str | None) -> int:
         err.print("nothing to cancel")
     for name, n in sent.items():
         err.print(f"cancel sent to {n} {name} runs")
+    return 0
+
+
+@click.command("calibrate")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option(
+    "--steps",
+    type=click.IntRange(min=3),
+    default=20,
+    show_default=True,
+    help="Steps timed per model.",
+)
+@click.option(
+    "-o",
+    "--output",
+    default="throughput.json",
+    show_default=True,
+    help="Where to write the table ([cost] throughput_file reads it).",
+)
+def calibrate_cmd(spec: str, steps: int, output: str) -> int:
+    """Time a few training steps of each model of SPEC on this machine and write tokens/s per
+    model, for [cost] throughput_file (run it on a node of the target cluster).
+
+    \b
+    Example:
+      sweeper calibrate sweeps/paper-proxy.toml --steps 30 -o sweeps/throughput-h200.json
+    """
+    doc = calibrate(load_spec(spec), steps)
+    Path(output).write_text(json.dumps(doc, indent=1) + "\n")
+    for model, tps in doc["tokens_per_s"].items():
+        out.print(f"{model}: {tps:,.0f} tokens/s at B = {doc['batch_size'][model]}")
+    err.print(f"wrote {output}")
     return 0

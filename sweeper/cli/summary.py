@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from sweeper import RunRecord, Sweep, SweepSpec
+from sweeper import RunRecord, Sweep, SweepSpec, cost_rows
 
 
 def plan_rows(runs: list[RunRecord]) -> list[dict[str, Any]]:
@@ -31,12 +31,13 @@ def plan_rows(runs: list[RunRecord]) -> list[dict[str, Any]]:
 
 
 def plan_summary(spec: SweepSpec, runs: list[RunRecord]) -> str:
-    """One line: runs by kind and their compute."""
+    """One line: runs by kind and their compute (GPU-hours with a [cost] throughput)."""
     kinds = Counter(r.kind.value for r in runs)
-    flops = sum(r.flops for r in runs)
+    total = cost_rows(runs, spec.section("cost"))[-1]
+    gpu = "" if total["gpu_hours"] is None else f", {total['gpu_hours']:.3g} GPU-hours"
     return (
         f"{len(runs)} runs ({', '.join(f'{n} {k}' for k, n in kinds.items())}), "
-        f"{flops:.3g} FLOPs, {sum(r.trained_tokens for r in runs):.3g} tokens"
+        f"{total['flops']:.3g} FLOPs, {total['tokens']:.3g} tokens{gpu}"
     )
 
 
