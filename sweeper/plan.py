@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -142,7 +143,7 @@ class _Planner:
     def expand(self, p: GridPoint) -> list[RunRecord]:
         kind = self.spec.schedule.kind
         if kind == "constant":
-            return [self._single(p, self.horizons, suffix="")]
+            return [self._single(p, self.horizons, suffix="", keep_last=True)]
         if kind == "cosine":
             return [self._single(p, (d,), suffix=f"_D{tokens_tag(d)}") for d in self.horizons]
         return self._wsd(p)
@@ -210,7 +211,9 @@ class _Planner:
             train=cfg,
             resources=spec.resources,
             source=p.source,
-            command=spec.backend.command,
+            # a [simulator] sweep runs the simulated trainer unless [backend] command is set
+            command=spec.backend.command
+            or ((sys.executable, "-m", "trainer.sim") if spec.section("simulator") else None),
             params=self.params,
         )
 
@@ -224,8 +227,14 @@ class _Planner:
             s += "_ls" + "-".join(f"{v:g}" for v in p.lr_scales)
         return s
 
-    def _single(self, p: GridPoint, horizons: tuple[int, ...], suffix: str) -> RunRecord:
-        cfg, d = self._train(p, horizons)
+    def _single(
+        self, p: GridPoint, horizons: tuple[int, ...], suffix: str, keep_last: bool = False
+    ) -> RunRecord:
+        """A run read off at ``horizons``; ``keep_last`` keeps its final checkpoint, so that a
+        later, longer horizon continues it instead of training from step 0."""
+        last = horizons[-1] // (p.batch_size * self.base[p.model].model.seq_len)
+        changes = {"checkpoint_steps": (last,)} if keep_last else {}
+        cfg, d = self._train(p, horizons, **changes)
         slug = self._slug(p) + suffix
         # Only the largest horizon enters the id: adding a smaller horizon keeps a finished run.
         rid = run_id(slug, RunKind.SINGLE, {**d, "horizons_tokens": [horizons[-1]]}, self.params)

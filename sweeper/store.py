@@ -317,9 +317,16 @@ class SweepStore:
         return ()
 
     def add_horizons(self, run_id: str, horizons: tuple[int, ...]) -> bool:
-        """Union ``horizons`` into the run's ``horizons.json``; True if it grew."""
+        """Union the horizons the run's record lacks into its ``horizons.json``; True if it grew.
+        Horizons outside the run's span (before its start, after its last step) are ignored."""
         have = set(self.extra_horizons(run_id))
-        union = have | set(horizons)
+        try:
+            rec = self.load_record(run_id)
+        except StoreError:
+            return False
+        start = rec.start_step * rec.tokens_per_step
+        new = {h for h in horizons if start < h <= rec.horizons_tokens[-1]}
+        union = have | (new - set(rec.horizons_tokens))
         if union == have:
             return False
         write_json_atomic(self.run_dir(run_id) / HORIZONS, {"horizons_tokens": sorted(union)})

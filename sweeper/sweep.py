@@ -16,6 +16,7 @@ reconcile the backend's view, select the runs, claim them (blocking backends) or
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sweeper.backends import LaunchOptions, load_backend
+from sweeper.extend import Extender
 from sweeper.errors import SpecError, StoreError
 from sweeper.plan import GridPoint, Plan, extra_point, plan_sweep
 from sweeper.records import LAUNCHABLE, RESUMABLE, RunKind, RunRecord, RunState
@@ -77,6 +79,10 @@ class LaunchReport:
 def plan(spec: SweepSpec, extra_points: list[GridPoint] | None = None) -> list[RunRecord]:
     """The run records of ``spec`` (plus extra points), trunks before their branches."""
     return plan_sweep(spec, extra_points or []).runs
+
+
+def _single(r: RunRecord) -> bool:
+    return r.kind == RunKind.SINGLE
 
 
 class Sweep:
@@ -145,8 +151,39 @@ class Sweep:
         return [extra_point(p, self.spec, f"{path}[{i}]") for i, p in enumerate(raw)]
 
     def plan(self) -> Plan:
-        """The plan of the spec plus its extra points (what the sweep directory should hold)."""
-        return plan_sweep(self.spec, self.extra_points())
+        """The plan of the spec plus its extra points, with every run that extends an existing
+        constant-rate run to a larger horizon replaced by its continuation (``sweeper.extend``):
+        what the sweep directory should hold."""
+        planned = plan_sweep(self.spec, self.extra_points())
+        runs, self._horizon_adds = self._resolve(planned.runs)
+        return dataclasses.replace(planned, runs=runs)
+
+    def _resolve(
+        self, runs: list[RunRecord]
+    ) -> tuple[list[RunRecord], list[tuple[str, tuple[int, ...]]]]:
+        have = set(self.store.run_ids())
+        adds: list[tuple[str, tuple[int, ...]]] = []
+        new = [r for r in runs if r.id not in have]
+        if not new or not have:  # nothing to extend (the common case: no record is read)
+            adds = [(r.id, r.horizons_tokens) for r in runs if r.id in have and _single(r)]
+            return runs, adds
+        existing = []
+        for rid in have:
+            with contextlib.suppress(StoreError):
+                existing.append(self.store.load_record(rid))
+        ext = Extender(self.store, existing)
+        out = []
+        for r in runs:
+            if r.id in have:
+                out.append(r)
+                if _single(r):
+                    adds.append((r.id, r.horizons_tokens))
+                continue
+            resolved, more = ext.resolve(r)
+            out.append(resolved)
+            adds += more
+        unique = {r.id: r for r in out}
+        return list(unique.values()), adds
 
     def _write(self) -> list[str]:
         """Write the spec, the records of new runs and ``plan.json`` under the sweep lock."""
@@ -173,8 +210,8 @@ class Sweep:
             if run.id not in existing:
                 self.store.write_record(run)
                 new_ids.append(run.id)
-            elif run.kind == RunKind.SINGLE:
-                self.store.add_horizons(run.id, run.horizons_tokens)
+        for rid, horizons in getattr(self, "_horizon_adds", []):
+            self.store.add_horizons(rid, horizons)
         old_ids: list[str] = []
         if self.store.exists():
             with_plan = self.store.plan_order()
@@ -375,3 +412,16 @@ class Sweep:
             if added:
                 write_json_atomic(path, have + added)
         return self.replan()
+
+    def autopilot(self, **options: Any) -> Any:
+        """Run waves until every (model, B, D) cell's eta* is identified to the tolerance or a
+        budget is spent, stopping hopeless runs on the way (``docs/autopilot.md``). Keywords:
+        ``backend``, ``max_parallel``, ``progress``, ``on_event`` and any
+        :class:`sweeper.autopilot.AutopilotConfig` field (overriding ``[autopilot]``).
+
+        Returns:
+            A :class:`sweeper.autopilot.driver.AutopilotReport`.
+        """
+        from sweeper.autopilot import run_autopilot
+
+        return run_autopilot(self, **options)
