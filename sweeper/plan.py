@@ -100,25 +100,31 @@ def tokens_tag(d: int) -> str:
 
 
 def grid_points(spec: SweepSpec) -> Iterator[GridPoint]:
-    """Every grid point, after the ``[window]`` filter (centred at the largest horizon)."""
+    """Every grid point, after the ``[window]`` filter: a rate is kept at batch size B when it is
+    inside the prior law's window at any horizon D (a constant-rate run and a WSD trunk serve
+    every D; cosine runs, one per D, are filtered per D again by the planner)."""
     g = spec.grid
-    d_ref = max(g.horizons_tokens)
     for m in spec.models:
         for b in g.batch_size:
-            for lr in _window_lrs(spec, b, d_ref):
+            for lr in window_lrs(spec, b, g.horizons_tokens):
                 for scales in g.lr_scales:
                     for seed in g.seeds:
                         yield GridPoint(m.name, lr, b, seed, scales)
 
 
-def _window_lrs(spec: SweepSpec, batch: int, tokens: int) -> tuple[float, ...]:
+def window_lrs(spec: SweepSpec, batch: int, horizons: tuple[int, ...]) -> tuple[float, ...]:
+    """The grid's rates within ``k`` grid points of the law's optimum at ``batch`` for any of
+    ``horizons`` (the union of the per-(B, D) windows), in order."""
     lrs = spec.grid.lr
     if spec.window is None:
         return lrs
-    centre = spec.window.center_log2(batch, tokens)
-    i = min(range(len(lrs)), key=lambda j: abs(math.log2(lrs[j]) - centre))
+    keep: set[int] = set()
     k = spec.window.k
-    return lrs[max(0, i - k) : i + k + 1]
+    for d in horizons:
+        centre = spec.window.center_log2(batch, d)
+        i = min(range(len(lrs)), key=lambda j: abs(math.log2(lrs[j]) - centre))
+        keep.update(range(max(0, i - k), min(len(lrs), i + k + 1)))
+    return tuple(lrs[i] for i in sorted(keep))
 
 
 # -------------------------------------------------------------------------------------------- plan
@@ -145,7 +151,11 @@ class _Planner:
         if kind == "constant":
             return [self._single(p, self.horizons, suffix="", keep_last=True)]
         if kind == "cosine":
-            return [self._single(p, (d,), suffix=f"_D{tokens_tag(d)}") for d in self.horizons]
+            return [
+                self._single(p, (d,), suffix=f"_D{tokens_tag(d)}")
+                for d in self.horizons
+                if p.source != "grid" or p.lr in window_lrs(self.spec, p.batch_size, (d,))
+            ]
         return self._wsd(p)
 
     def _train(

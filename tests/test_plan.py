@@ -177,6 +177,19 @@ def test_window_keeps_k_points_around_the_law() -> None:
     assert [math.log2(x) for x in lrs] == [-6, -5, -4]
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_window_is_the_union_over_the_horizons_a_run_serves(schedule: str) -> None:
+    # log2 lr* = -0.5 * log2 D + 0: centre -4 at D = 2^8, -5 at 2^10, -6 at 2^12; k = 0
+    spec = make_spec(list(range(-10, 0)), [4], [8, 10, 12], schedule=schedule,
+                     window="[window]\na = 0\nb = -0.5\nc = 0\nk = 0\n")  # fmt: skip
+    runs = plan_sweep(spec).runs
+    if schedule == "constant":  # one run serves every D: the union of the three windows
+        assert sorted(math.log2(r.lr) for r in runs) == [-6, -5, -4]
+    else:  # one run per D, each inside its own (B, D) window
+        got = sorted((r.horizons_tokens[-1], math.log2(r.lr)) for r in runs)
+        assert got == [(2**8, -4), (2**10, -5), (2**12, -6)]
+
+
 def test_extra_points_are_validated_and_merged() -> None:
     spec = make_spec([-4], [4], [10])
     p = extra_point({"model": "m0", "lr": 0.5, "batch_size": 8, "source": "refine"}, spec, "x.json")
