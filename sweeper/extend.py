@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from sweeper.records import RunKind, RunRecord, run_id
 from sweeper.store import SweepStore
 from trainer.config import BranchConfig
+from trainer.schema import checkpoint_name
 
 
 def trajectory(r: RunRecord) -> str | None:
@@ -84,7 +85,7 @@ class Extender:
         """The step of the old run's kept final checkpoint, if it exists."""
         ckpt = self.store.run_dir(old.id) / "ckpt"
         for step in sorted(old.train.checkpoint_steps, reverse=True):
-            if os.path.isfile(ckpt / f"step_{step:08d}.pt"):
+            if os.path.isfile(ckpt / checkpoint_name(step)):
                 return step
         return None
 

@@ -49,6 +49,10 @@ FAKE_TRAINER = textwrap.dedent(
         summary("interrupted", 1)
         sys.exit(75)
     signal.signal(signal.SIGTERM, on_term)
+    if mode == "sleep" and t.get("checkpoint_steps"):  # a trunk: its fork checkpoints come early
+        (out / "ckpt").mkdir(exist_ok=True)
+        for s in t["checkpoint_steps"]:
+            (out / "ckpt" / f"step_{s:08d}.pt").write_text("fork")
     if mode == "sleep":
         end = time.time() + float(os.environ.get("FAKE_SLEEP", "1"))
         n = 0
@@ -273,24 +277,45 @@ def test_omp_threads_reach_the_trainer_config(sweep: SweepStore) -> None:
     assert json.loads((sweep.run_dir(rid) / "trial.json").read_text())["train"]["threads"] == 3
 
 
-def test_branches_wait_for_their_trunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_branches_start_once_their_fork_checkpoint_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = Sweep.create(
         fake_spec(tmp_path, lrs="[0.125]", batches="[4]", schedule="wsd"), tmp_path / "results"
     ).store
     monkeypatch.setenv("FAKE_MODE", "sleep")
-    monkeypatch.setenv("FAKE_SLEEP", "0.3")
+    monkeypatch.setenv("FAKE_SLEEP", "2")
     _launch(store, parallel=3)
     records = {rid: store.load_record(rid) for rid in store.run_ids()}
     trunk = next(r for r, rec in records.items() if rec.kind == "trunk")
     done = read_events(store.run_dir(trunk))[-1]
     assert done.state == "completed"
+    early = 0
+    for rid, rec in records.items():
+        if rec.kind == "branch":
+            started = next(e for e in read_events(store.run_dir(rid)) if e.state == "running")
+            early += started.ts < done.ts  # started while the trunk still ran
+            trial = json.loads((store.run_dir(rid) / "trial.json").read_text())
+            assert trial["train"]["branch"]["run_dir"] == str(store.run_dir(trunk).resolve())
+    assert early == 2  # both branches (the fake trunk writes its fork checkpoints first)
+    assert set(states(store).values()) == {"completed"}
+
+
+def test_branches_without_a_fork_checkpoint_wait_for_their_trunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Sweep.create(
+        fake_spec(tmp_path, lrs="[0.125]", batches="[4]", schedule="wsd"), tmp_path / "results"
+    ).store
+    monkeypatch.setenv("FAKE_MODE", "ok")  # no checkpoint files: branches wait for completion
+    _launch(store, parallel=3)
+    records = {rid: store.load_record(rid) for rid in store.run_ids()}
+    trunk = next(r for r, rec in records.items() if rec.kind == "trunk")
+    done = read_events(store.run_dir(trunk))[-1]
     for rid, rec in records.items():
         if rec.kind == "branch":
             started = next(e for e in read_events(store.run_dir(rid)) if e.state == "running")
             assert started.ts >= done.ts
-            trial = json.loads((store.run_dir(rid) / "trial.json").read_text())
-            assert trial["train"]["branch"]["run_dir"] == str(store.run_dir(trunk).resolve())
-    assert set(states(store).values()) == {"completed"}
 
 
 def test_branch_of_failed_trunk_is_cancelled(

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from trainer.schema import checkpoint_name
+
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
@@ -26,7 +28,7 @@ _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
     """The file name of the checkpoint at ``step``."""
-    return ckpt_dir / f"step_{step:08d}.pt"
+    return ckpt_dir / checkpoint_name(step)
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:

@@ -27,6 +27,12 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CKPT_DIR = "ckpt"
 
+
+def checkpoint_name(step: int) -> str:
+    """The file name of the checkpoint after ``step`` steps, inside ``CKPT_DIR``."""
+    return f"step_{step:08d}.pt"
+
+
 # Exit codes of a trainer process; the sweeper maps them to run states.
 EXIT_OK = 0
 EXIT_CRASH = 1

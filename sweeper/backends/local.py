@@ -34,6 +34,7 @@ from sweeper.records import RunRecord, RunState
 from sweeper.store import SweepStore, hostname, pid_alive
 from sweeper.worker import run_trial, signal_trainer
 from trainer.config import ConfigError
+from trainer.schema import CKPT_DIR, checkpoint_name
 
 # How long a trial waits for a run lock still held by a dying orphan trainer of a killed launcher.
 ORPHAN_LOCK_WAIT_S = 60.0
@@ -154,6 +155,7 @@ class _Scheduler:
         self.backend, self.store, self.stop, self.bar = backend, store, stop, bar
         self.pending = [r.id for r in runs]
         self.parents = {r.id: r.parent for r in runs}
+        self.forks = {r.id: r.start_step for r in runs}
         self.tokens = {r.id: r.trained_tokens for r in runs}
         self.in_batch = set(self.pending)
         self.finished: dict[str, str] = {}
@@ -198,15 +200,27 @@ class _Scheduler:
         parent = self.parents.get(rid)
         if parent is None:
             return True
+        # A branch needs its trunk's checkpoint at the fork, not the whole trunk: start as soon
+        # as that (permanent) checkpoint exists.
+        if self._fork_exists(rid, parent):
+            return True
         if parent in self.in_batch and parent not in self.finished:
             return None
         if self.store.status(parent).state == RunState.COMPLETED:
             return True
         self.store.append_event(
-            rid, RunState.CANCELLED, backend="local", reason=f"trunk {parent} is not completed"
+            rid,
+            RunState.CANCELLED,
+            backend="local",
+            reason=f"trunk {parent} is not completed and has no checkpoint at the fork",
         )
         self._advance(rid, RunState.CANCELLED)
         return False
+
+    def _fork_exists(self, rid: str, parent: str) -> bool:
+        step = self.forks.get(rid, 0)
+        ckpt = self.store.run_dir(parent) / CKPT_DIR / checkpoint_name(step)
+        return step > 0 and ckpt.is_file()
 
     def _drop_blocked(self) -> None:
         for rid in list(self.pending):
