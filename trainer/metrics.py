@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer.model import Transformer
 from trainer.norms import one_to_rms_embedding, rms_to_inf, rms_to_rms
 from trainer.schema import METRICS_FILE, metrics_line
 
@@ -28,7 +29,7 @@ __all__ = [
 ]
 
 
-def weight_norms(model: nn.Module) -> dict[str, float]:
+def weight_norms(model: Transformer) -> dict[str, float]:
     """The paper's tracked norms of the current weights.
 
     Returns:
@@ -41,7 +42,7 @@ def weight_norms(model: nn.Module) -> dict[str, float]:
         "output_norm": rms_to_inf(out),
         "output_norm_rms": rms_to_rms(out),
         "input_norm": one_to_rms_embedding(model.tok_embeddings.weight),
-        "hidden_norm": rms_to_rms(model.layers[-1].feed_forward.w2.weight),
+        "hidden_norm": rms_to_rms(model.blocks()[-1].feed_forward.w2.weight),
     }
 
 

@@ -14,6 +14,7 @@ after ``to_empty(device=...)``.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +120,9 @@ class Transformer(nn.Module):
         cfg: the model shape; ``cfg.seq_len`` bounds the sequence length ``T``.
     """
 
+    rope_cos: torch.Tensor  # buffers, declared for the type checker
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -137,14 +141,18 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {T} exceeds model.seq_len = {self.cfg.seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         h = self.tok_embeddings(idx)
-        for layer in self.layers:
+        for layer in self.blocks():
             h = layer(h, cos, sin)
         return self.output(_rms_norm(h, self.cfg.norm_eps))
+
+    def blocks(self) -> list[TransformerBlock]:
+        """The transformer blocks, typed."""
+        return [cast(TransformerBlock, m) for m in self.layers]
 
     def residual_matrices(self) -> list[nn.Linear]:
         """The layers scaled by ``1/sqrt(2 * n_layers)`` at init (``wo``, ``w2``, maybe ``w3``)."""
         out: list[nn.Linear] = []
-        for layer in self.layers:
+        for layer in self.blocks():
             out += [layer.attention.wo, layer.feed_forward.w2]
             if self.cfg.init_gate_as_residual:
                 out.append(layer.feed_forward.w3)
@@ -166,7 +174,7 @@ class Transformer(nn.Module):
         _normal_rows_(self.tok_embeddings.weight, row_norm=math.sqrt(self.cfg.d_model))
         residual = {id(m) for m in self.residual_matrices()}
         depth_scale = 1.0 / math.sqrt(2 * self.cfg.n_layers)
-        for layer in self.layers:
+        for layer in self.blocks():
             for lin in (*_attention_linears(layer), *_mlp_linears(layer)):
                 _scaled_orthogonal_(lin.weight, depth_scale if id(lin) in residual else 1.0)
         _normal_rows_(self.output.weight, row_norm=1.0 / math.sqrt(self.cfg.d_model))

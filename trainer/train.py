@@ -292,18 +292,19 @@ class Trainer:
         cfg, env = self.cfg, self.env
         torch.manual_seed(cfg.seed)  # identical init on every rank
         self.model = Transformer(cfg.model).to(env.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim, env.device.type)
+        # Scion and the Adam variants of trainer.optim: they also track update norms
+        self.optimizer: Any = build_optimizer(self.model, cfg.optim, env.device.type)
         self.initial_loss: float | None = None
         self.pending_update_norms: dict[str, float] | None = None
         self.wall_before = 0.0
         if self.start.state is not None:
             self._load(self.start.state)
             self.start.state = None  # the weights now live in the model; free the copy
-        fwd: nn.Module = self.model
+        fwd: Any = self.model  # the module, its DDP wrapper, or their compiled form
         if env.distributed:
             ids = [env.device.index] if env.device.type == "cuda" else None
             fwd = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.ddp = fwd if env.distributed else None
+        self.ddp: Any = fwd if env.distributed else None
         if cfg.compile and env.device.type == "cuda":
             fwd = torch.compile(fwd)
         elif cfg.compile:
@@ -414,7 +415,7 @@ class Trainer:
             group["lr"] = group["base_lr"] * mult
         return mult
 
-    def _group_lrs(self, step: int) -> dict[str, float]:
+    def _group_lrs(self, step: int) -> dict[str, float | None]:
         """LRs of the update that produced ``W_step`` (of the first update at step 0)."""
         mult = lr_multiplier(self.cfg.schedule, max(0, step - 1), self.total_steps)
         lrs = {g.get("role"): g["base_lr"] * mult for g in self.optimizer.param_groups}
