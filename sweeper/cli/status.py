@@ -198,7 +198,7 @@ def logs_cmd(
     """
     results = results_dir(ctx, results_here)
     run_dir = find_run(results, run, sweep_name)
-    path = run_dir / (which or "stdout.log")
+    path = run_dir / (which if isinstance(which, str) else "stdout.log")
     if not path.exists():
         click.echo(f"{path}: nothing written yet", err=True)
         if not follow:
