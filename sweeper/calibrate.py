@@ -22,7 +22,6 @@ from sweeper.errors import BackendError
 from sweeper.plan import plan_sweep
 from sweeper.records import RunRecord
 from sweeper.spec import SweepSpec
-from sweeper.worker import trainer_command
 
 
 def calibration_runs(spec: SweepSpec, steps: int) -> list[RunRecord]:
@@ -51,6 +50,8 @@ def calibration_runs(spec: SweepSpec, steps: int) -> list[RunRecord]:
 
 def measure(record: RunRecord, workdir: Path, timeout_s: float = 1800) -> float:
     """Median tokens/s of one short run of ``record`` (BackendError if the trainer fails)."""
+    from sweeper.worker import trainer_command  # not at import: `python -m sweeper.worker` runs it
+
     run_json = workdir / f"{record.model}.json"
     out = workdir / record.model
     run_json.write_text(json.dumps(record.to_dict()))

@@ -14,7 +14,7 @@ import dataclasses
 import os
 from collections.abc import Iterable
 
-from sweeper.records import RunKind, RunRecord, run_id
+from sweeper.records import RunKind, RunRecord, hashed_params, run_id
 from sweeper.store import SweepStore
 from trainer.config import BranchConfig
 from trainer.schema import checkpoint_name
@@ -28,7 +28,7 @@ def trajectory(r: RunRecord) -> str | None:
     d = r.train.to_dict()
     for key in ("horizons_tokens", "checkpoint_steps", "branch"):
         d.pop(key)
-    return run_id("", "trajectory", d, r.params)
+    return run_id("", "trajectory", d, hashed_params(r.params))
 
 
 class Extender:
@@ -99,7 +99,7 @@ def continuation(planned: RunRecord, old: RunRecord, step: int) -> RunRecord:
         branch=BranchConfig(run_dir=f"runs/{old.id}", step=step),
     )
     slug = f"{planned.slug}_cont"
-    rid = run_id(slug, RunKind.SINGLE, train.to_dict(), planned.params)
+    rid = run_id(slug, RunKind.SINGLE, train.to_dict(), hashed_params(planned.params))
     return dataclasses.replace(
         planned, id=rid, slug=slug, parent=old.id, train=train, source="extend"
     )

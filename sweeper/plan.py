@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from sweeper.records import RunKind, RunRecord, run_id
+from sweeper.records import RunKind, RunRecord, hashed_params, run_id
 from sweeper.spec import (
     SweepSpec,
     batch_value,
@@ -145,6 +145,7 @@ class _Planner:
         self._json: dict[tuple[Any, ...], Any] = {}
         self._schedules: dict[tuple[Any, ...], ScheduleConfig] = {}
         self.params = run_params(spec)
+        self.id_params = hashed_params(self.params)
 
     def expand(self, p: GridPoint) -> list[RunRecord]:
         kind = self.spec.schedule.kind
@@ -247,7 +248,7 @@ class _Planner:
         cfg, d = self._train(p, horizons, **changes)
         slug = self._slug(p) + suffix
         # Only the largest horizon enters the id: adding a smaller horizon keeps a finished run.
-        rid = run_id(slug, RunKind.SINGLE, {**d, "horizons_tokens": [horizons[-1]]}, self.params)
+        rid = run_id(slug, RunKind.SINGLE, {**d, "horizons_tokens": [horizons[-1]]}, self.id_params)
         self.unshared_flops += cfg.flops_per_token() * sum(horizons)
         return self._record(p, RunKind.SINGLE, slug, cfg, rid, None)
 
@@ -262,14 +263,14 @@ class _Planner:
             p, tuple(s * tps for s in trunk_steps), schedule=constant, checkpoint_steps=trunk_steps
         )
         slug = self._slug(p)
-        tid = run_id(f"{slug}_trunk", RunKind.TRUNK, td, self.params)
+        tid = run_id(f"{slug}_trunk", RunKind.TRUNK, td, self.id_params)
         runs = [self._record(p, RunKind.TRUNK, f"{slug}_trunk", tcfg, tid, None)]
         for d in self.horizons:
             decay = self._schedule(sched, "wsd", d // tps)
             branch = BranchConfig(run_dir=f"runs/{tid}", step=points[d])
             cfg, bd = self._train(p, (d,), schedule=decay, branch=branch)
             bslug = f"{slug}_D{tokens_tag(d)}"
-            bid = run_id(bslug, RunKind.BRANCH, bd, self.params)
+            bid = run_id(bslug, RunKind.BRANCH, bd, self.id_params)
             runs.append(self._record(p, RunKind.BRANCH, bslug, cfg, bid, tid))
             self.unshared_flops += cfg.flops_per_token() * d
         return runs

@@ -217,6 +217,19 @@ class Resources:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
+# Params that say how a run is watched, not what it computes: they never enter its id, so adding
+# a tracking mirror to a spec keeps every run.
+UNHASHED_PARAMS = frozenset({"tracking"})
+
+
+def hashed_params(params: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The part of a record's params its id hashes."""
+    if not params:
+        return None
+    kept = {k: v for k, v in params.items() if k not in UNHASHED_PARAMS}
+    return kept or None
+
+
 def run_id(
     slug: str, kind: str, train: Mapping[str, Any], params: Mapping[str, Any] | None = None
 ) -> str:

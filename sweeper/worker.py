@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from sweeper.errors import StoreError
-from sweeper.records import RunRecord, RunState
+from sweeper.external import render_command, resume_checkpoint
+from sweeper.records import RecordError, RunRecord, RunState
 from sweeper.store import (
     SweepStore,
     append_event,
@@ -36,6 +37,7 @@ from sweeper.store import (
     try_flock,
     write_json_atomic,
 )
+from sweeper.tracking import start_mirror, stop_mirror
 from trainer.schema import (
     CKPT_DIR,
     CONFIG_FILE,
@@ -94,8 +96,11 @@ def trainer_command(record: RunRecord, trial_json: Path, run_dir: Path) -> list[
     """The trainer command line for a run record.
 
     ``record.command`` replaces the ``python -m trainer`` prefix; with more than one rank
-    (``resources.nodes * procs_per_node``) the prefix is ``torchrun``.
+    (``resources.nodes * procs_per_node``) the prefix is ``torchrun``. A ``[trainer]`` section
+    (``params["trainer"]``) replaces the whole line with its rendered command.
     """
+    if record.params and "trainer" in record.params:
+        return render_command(record, run_dir, resume_checkpoint(record, run_dir), trial_json)
     res = record.resources
     if record.command:
         prefix = list(record.command)
@@ -204,11 +209,15 @@ def _execute(
     started = append_event(
         run_dir, RunState.RUNNING, backend=backend, job_id=job_id, host=hostname(), pid=os.getpid()
     )
-    cmd = trainer_command(record, trial, run_dir)
+    try:
+        cmd = trainer_command(record, trial, run_dir)
+    except RecordError as e:
+        return _finish(run_dir, record.id, RunState.FAILED, 2, started, reason=str(e))
     full_env = {**os.environ, **(env or {})}
     beat_stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(run_dir, beat_stop), daemon=True)
     beat.start()
+    mirror = start_mirror(record, run_dir)  # tracking mirrors, when the record asks for them
     try:
         with _log(run_dir, STDOUT) as out, _log(run_dir, STDERR) as err:
             err_offset = err.tell()
@@ -230,6 +239,7 @@ def _execute(
             _write_pid(run_dir, proc.pid)
             code, asked = _wait(proc, stop_event)
     finally:
+        stop_mirror(mirror)  # the last lines are mirrored while the heartbeat still beats
         beat_stop.set()
         beat.join()
         with contextlib.suppress(FileNotFoundError):
