@@ -174,12 +174,6 @@ def _axes(raw: Any, file: str) -> tuple[tuple[str, tuple[Any, ...]], ...]:
                 raise SpecError(file, key, v, "values must be strings, numbers or booleans")
         if len({json.dumps(v) for v in values}) != len(values):
             raise SpecError(file, key, values, "duplicate values")
-        if len(values) > 1:
-            # The planner crosses the grid with one value per run only once it expands free-form
-            # axes (see docs/external-trainers.md); until then an axis holds one value.
-            raise SpecError(
-                file, key, values, "the planner does not expand free-form axes yet: give one value"
-            )
         out.append((name, tuple(values)))
     return tuple(out)
 

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from sweeper.external import axis_slug
 from sweeper.records import RunKind, RunRecord, hashed_params, run_id
 from sweeper.spec import (
     SweepSpec,
@@ -57,6 +58,7 @@ class GridPoint(NamedTuple):
     seed: int
     lr_scales: tuple[float, float, float] = DEFAULT_SCALES
     source: str = "grid"
+    axes: tuple[tuple[str, Any], ...] = ()  # free-form axes of a [trainer] section, by name
 
 
 @dataclass
@@ -104,12 +106,15 @@ def grid_points(spec: SweepSpec) -> Iterator[GridPoint]:
     inside the prior law's window at any horizon D (a constant-rate run and a WSD trunk serve
     every D; cosine runs, one per D, are filtered per D again by the planner)."""
     g = spec.grid
+    trainer = spec.section("trainer")
+    axes = [tuple(sorted(a.items())) for a in trainer.axis_points()] if trainer else [()]
     for m in spec.models:
         for b in g.batch_size:
             for lr in window_lrs(spec, b, g.horizons_tokens):
                 for scales in g.lr_scales:
                     for seed in g.seeds:
-                        yield GridPoint(m.name, lr, b, seed, scales)
+                        for ax in axes:
+                            yield GridPoint(m.name, lr, b, seed, scales, axes=ax)
 
 
 def window_lrs(spec: SweepSpec, batch: int, horizons: tuple[int, ...]) -> tuple[float, ...]:
@@ -145,7 +150,7 @@ class _Planner:
         self._json: dict[tuple[Any, ...], Any] = {}
         self._schedules: dict[tuple[Any, ...], ScheduleConfig] = {}
         self.params = run_params(spec)
-        self.id_params = hashed_params(self.params)
+        self._point_params: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 
     def expand(self, p: GridPoint) -> list[RunRecord]:
         kind = self.spec.schedule.kind
@@ -208,6 +213,17 @@ class _Planner:
             hit = self._schedules[key] = dataclasses.replace(base, kind=kind, total_steps=total)
         return hit
 
+    def _params(self, p: GridPoint) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The point's params (the sweep's, with its free-form axis values) and the part of them
+        its id hashes."""
+        hit = self._point_params.get(p.axes)
+        if hit is None:
+            params = self.params
+            if p.axes and params and "trainer" in params:
+                params = {**params, "trainer": {**params["trainer"], "axes": dict(p.axes)}}
+            hit = self._point_params[p.axes] = (params, hashed_params(params))
+        return hit
+
     def _record(
         self, p: GridPoint, kind: RunKind, slug: str, cfg: TrainConfig, rid: str, parent: str | None
     ) -> RunRecord:
@@ -225,7 +241,7 @@ class _Planner:
             # a [simulator] sweep runs the simulated trainer unless [backend] command is set
             command=spec.backend.command
             or ((sys.executable, "-m", "trainer.sim") if spec.section("simulator") else None),
-            params=self.params,
+            params=self._params(p)[0],
         )
 
     def _slug(self, p: GridPoint) -> str:
@@ -236,6 +252,8 @@ class _Planner:
         s = f"{prefix}_s{p.seed}"
         if p.lr_scales != DEFAULT_SCALES:
             s += "_ls" + "-".join(f"{v:g}" for v in p.lr_scales)
+        if p.axes:
+            s += axis_slug(dict(p.axes))
         return s
 
     def _single(
@@ -248,7 +266,9 @@ class _Planner:
         cfg, d = self._train(p, horizons, **changes)
         slug = self._slug(p) + suffix
         # Only the largest horizon enters the id: adding a smaller horizon keeps a finished run.
-        rid = run_id(slug, RunKind.SINGLE, {**d, "horizons_tokens": [horizons[-1]]}, self.id_params)
+        rid = run_id(
+            slug, RunKind.SINGLE, {**d, "horizons_tokens": [horizons[-1]]}, self._params(p)[1]
+        )
         self.unshared_flops += cfg.flops_per_token() * sum(horizons)
         return self._record(p, RunKind.SINGLE, slug, cfg, rid, None)
 
@@ -263,14 +283,14 @@ class _Planner:
             p, tuple(s * tps for s in trunk_steps), schedule=constant, checkpoint_steps=trunk_steps
         )
         slug = self._slug(p)
-        tid = run_id(f"{slug}_trunk", RunKind.TRUNK, td, self.id_params)
+        tid = run_id(f"{slug}_trunk", RunKind.TRUNK, td, self._params(p)[1])
         runs = [self._record(p, RunKind.TRUNK, f"{slug}_trunk", tcfg, tid, None)]
         for d in self.horizons:
             decay = self._schedule(sched, "wsd", d // tps)
             branch = BranchConfig(run_dir=f"runs/{tid}", step=points[d])
             cfg, bd = self._train(p, (d,), schedule=decay, branch=branch)
             bslug = f"{slug}_D{tokens_tag(d)}"
-            bid = run_id(bslug, RunKind.BRANCH, bd, self.id_params)
+            bid = run_id(bslug, RunKind.BRANCH, bd, self._params(p)[1])
             runs.append(self._record(p, RunKind.BRANCH, bslug, cfg, bid, tid))
             self.unshared_flops += cfg.flops_per_token() * d
         return runs
@@ -329,7 +349,7 @@ def _totals(runs: list[RunRecord], unshared: float) -> dict[str, Any]:
     }
 
 
-_POINT_KEYS = {"model", "lr", "batch_size", "seed", "lr_scales", "source"}
+_POINT_KEYS = {"model", "lr", "batch_size", "seed", "lr_scales", "source", "axes"}
 
 
 def extra_point(raw: Any, spec: SweepSpec, where: str) -> GridPoint:
@@ -356,4 +376,16 @@ def extra_point(raw: Any, spec: SweepSpec, where: str) -> GridPoint:
     source = raw.get("source", "extra")
     if not isinstance(source, str) or not source.isidentifier():
         raise SpecError(where, "source", source, "expected a short word")
-    return GridPoint(model.name, lr, b, seed, scales, source)
+    return GridPoint(model.name, lr, b, seed, scales, source, _point_axes(raw, spec, where))
+
+
+def _point_axes(raw: dict[str, Any], spec: SweepSpec, where: str) -> tuple[tuple[str, Any], ...]:
+    """The free-form axis values of an extra point: one of the spec's axis points."""
+    from sweeper.errors import SpecError
+
+    trainer = spec.section("trainer")
+    points = trainer.axis_points() if trainer else [{}]
+    value = raw.get("axes", points[0])
+    if value not in points:
+        raise SpecError(where, "axes", value, f"not a point of [trainer] axes (known: {points})")
+    return tuple(sorted(value.items()))

@@ -116,7 +116,6 @@ def test_section_puts_the_command_into_every_record() -> None:
         ({"command": ["t", "{out_dir}"], "axes": {"p": 0.1}}, "expected a list of 1..1000"),
         ({"command": ["t", "{out_dir}"], "axes": {"p": [[1]]}}, "strings, numbers or booleans"),
         ({"command": ["t", "{out_dir}"], "axes": {"p": [1, 1]}}, "duplicate values"),
-        ({"command": ["t", "{out_dir}"], "axes": {"p": [0.0, 0.1]}}, "does not expand free-form"),
     ],
 )
 def test_bad_sections_are_one_line_spec_errors(table: dict[str, Any], needle: str) -> None:
@@ -140,6 +139,17 @@ def test_axes_pass_through_as_placeholders(tmp_path: Path) -> None:
     grid = TrainerSection(command=("t",), axes=(("p", (1, 2)), ("q", ("x",))))
     assert grid.axis_points() == [{"p": 1, "q": "x"}, {"p": 2, "q": "x"}]
     assert axis_slug({"q": "x", "p": 0.1}) == "_p0.1_qx"
+
+
+def test_free_form_axes_are_crossed_with_the_grid(tmp_path: Path) -> None:
+    runs = records(["t", "{out_dir}", "--p={p}"], extra='axes = {p = [0.0, 0.1], q = ["x"]}\n')
+    by_point: dict[tuple[float, int], list[Any]] = {}
+    for r in runs:
+        by_point.setdefault((r.lr, r.batch_size), []).append(r)
+    for rs in by_point.values():  # every grid point once per axis value, each its own run
+        assert sorted(r.params["trainer"]["axes"]["p"] for r in rs) == [0.0, 0.1]
+        assert len({r.id for r in rs}) == 2 and all("_p0" in r.slug for r in rs)
+    assert {render_command(r, tmp_path, "")[-1] for r in runs} == {"--p=0.0", "--p=0.1"}
 
 
 def test_every_placeholder_is_documented() -> None:
