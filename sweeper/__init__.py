@@ -15,18 +15,47 @@ The library API (the ``sweeper`` command line is a thin layer over it)::
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from sweeper.calibrate import calibrate
 from sweeper.cost import CostConfig, cost_rows, needs_confirmation
 from sweeper.errors import BackendError, SpecError, StoreError, SweepError
 from sweeper.live import LiveView, RunProgress, SweepSummary, filter_rows, natural_key
 from sweeper.records import Resources, RunEvent, RunKind, RunRecord, RunState
-from sweeper.spec import SweepSpec, load_spec
+from sweeper.spec import SweepSpec, host_warning, load_spec
 from sweeper.store import RunStatus
 from sweeper.sweep import LaunchReport, Sweep, plan
 
 __version__ = "0.2.0"
 
+# The analysis imports pandas, scipy and matplotlib (about a second): its names load on first use,
+# so `import sweeper` (and `sweeper status`) stays fast.
+_LAZY = {
+    "Analysis": "sweeper.analysis.api",
+    "AnalysisOptions": "sweeper.analysis.api",
+    "analyze_tables": "sweeper.analysis.api",
+    "load_tables_file": ("sweeper.analysis.tables", "load_file"),
+    "load_sweep_tables": ("sweeper.analysis.tables", "load_sweep"),
+    "RefineOptions": ("sweeper.analysis.refine", "RefineOptions"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'sweeper' has no attribute {name!r}")
+    module, attr = target if isinstance(target, tuple) else (target, name)
+    return getattr(importlib.import_module(module), attr)
+
+
 __all__ = [
+    "Analysis",
+    "AnalysisOptions",
+    "RefineOptions",
+    "analyze_tables",
+    "load_sweep_tables",
+    "load_tables_file",
     "BackendError",
     "CostConfig",
     "LaunchReport",
@@ -48,6 +77,7 @@ __all__ = [
     "calibrate",
     "cost_rows",
     "filter_rows",
+    "host_warning",
     "load_spec",
     "natural_key",
     "needs_confirmation",

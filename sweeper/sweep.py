@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import shutil
 import time
@@ -26,9 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sweeper.backends import LaunchOptions, load_backend
+from sweeper.errors import SpecError, StoreError, SweepError
 from sweeper.extend import Extender
-from sweeper.errors import SpecError, StoreError
-from sweeper.plan import GridPoint, Plan, extra_point, plan_sweep
+from sweeper.plan import GridPoint, Plan, extra_point, extra_points, plan_sweep
 from sweeper.records import LAUNCHABLE, RESUMABLE, RunKind, RunRecord, RunState
 from sweeper.spec import SweepSpec, load_spec, parse_spec_text, read_spec_file
 from sweeper.store import (
@@ -132,7 +133,9 @@ class Sweep:
     def open(cls, path_or_name: str | Path, results: str | Path = "results") -> Sweep:
         """An existing sweep: a sweep directory, or a name under ``results``."""
         for cand in (Path(path_or_name), Path(results) / str(path_or_name)):
-            if (cand / PLAN).is_file() and (cand / SPEC_FILE).is_file():
+            # a sweep without its plan.json (deleted, damaged) still opens: the runs are listed
+            has_runs = (cand / PLAN).is_file() or (cand / "runs").is_dir()
+            if (cand / SPEC_FILE).is_file() and has_runs:
                 store = SweepStore(cand)
                 path = cand / SPEC_FILE
                 return cls(store, parse_spec_text(read_spec_file(path), str(path)))
@@ -148,7 +151,7 @@ class Sweep:
         raw = read_json(path)
         if not isinstance(raw, list):
             raise SpecError(str(path), None, raw, "expected a list of points")
-        return [extra_point(p, self.spec, f"{path}[{i}]") for i, p in enumerate(raw)]
+        return [pt for i, p in enumerate(raw) for pt in extra_points(p, self.spec, f"{path}[{i}]")]
 
     def plan(self) -> Plan:
         """The plan of the spec plus its extra points, with every run that extends an existing
@@ -305,7 +308,10 @@ class Sweep:
         runs = []
         for rid in order:
             if statuses[rid].state in wanted:
-                runs.append(self.store.load_record(rid))
+                try:
+                    runs.append(self.store.load_record(rid))
+                except StoreError as e:  # damaged beyond status's cheap checks: skip, say why
+                    logging.getLogger(__name__).warning("skipping run %s: %s", rid, e)
         if include_unwritten:
             have = set(order)
             runs = [r for r in self.plan().runs if r.id not in have] + runs
@@ -386,11 +392,37 @@ class Sweep:
 
         return api.analyze_sweep(self.root, **options)
 
-    def propose(self, **options: Any) -> Any:
-        """Proposed next runs from the current optima (today's ``refine``)."""
-        from sweeper.analysis import api
+    def propose(self, seed: int = 0, **refine_options: Any) -> tuple[list[Any], list[str]]:
+        """Proposed next runs from the current optima (``sweeper refine``), without the points
+        already planned or added, and without those the spec rejects.
 
-        return api.propose(self.root, self.spec, **options)
+        Keywords are :class:`sweeper.analysis.refine.RefineOptions` fields (``extend``,
+        ``densify``, ``untried``, ``optuna_trials``).
+
+        Returns:
+            The proposals (``.to_point()`` gives what :meth:`apply` takes), and why any were left
+            out.
+        """
+        from sweeper.analysis import api
+        from sweeper.analysis import refine as rf
+        from sweeper.analysis.tables import load_sweep, planned_runs
+
+        path = self.root / EXTRA_POINTS
+        entries = rf.check_points(read_json(path) if path.exists() else [], str(path))
+        existing = {rf.point_key(d) for d in entries} | set(rf.run_keys(planned_runs(self.root)))
+        ropts = rf.RefineOptions(seed=seed, **refine_options)
+        props = api.propose(
+            load_sweep(self.root), api.AnalysisOptions(seed=seed), ropts, existing=existing
+        )
+        kept, dropped = [], []
+        for p in props:
+            try:
+                extra_point(p.to_point(), self.spec, "proposal")
+            except SweepError as e:
+                dropped.append(str(e))
+                continue
+            kept.append(p)
+        return kept, dropped
 
     def apply(self, points: list[dict[str, Any]]) -> list[str]:
         """Add points (``{"model", "lr", "batch_size", ...}``, e.g. from :meth:`propose`) to

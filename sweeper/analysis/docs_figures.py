@@ -14,11 +14,12 @@ import tempfile
 from pathlib import Path
 
 from sweeper.analysis import synthetic
-from sweeper.analysis.optimum import FitOptions
-from sweeper.analysis.report import initial_loss, run_analysis
-from sweeper.analysis.tables import normalise
+from sweeper.analysis.api import AnalysisOptions, analyze_tables
+from sweeper.analysis.tables import load_sweep
 
 FIGURES = (
+    "loss_vs_lr_proxy.png",
+    "fit_quality_proxy.png",
     "loss_surface_proxy.png",
     "norm_fit_proxy.png",
     "lr_law_proxy.png",
@@ -40,19 +41,9 @@ def make(out_dir: Path, keep: Path | None = None) -> list[Path]:
     with tempfile.TemporaryDirectory() as tmp:
         sweep = keep or Path(tmp) / "synthetic-demo"
         sweep.mkdir(parents=True, exist_ok=True)
-        h.to_parquet(sweep / "horizons.parquet")
-        m.to_parquet(sweep / "metrics.parquet")
-        df = normalise(h, source="synthetic")
-        c, origin = initial_loss(df, m)
-        run_analysis(
-            df,
-            sweep / "analysis",
-            opts=FitOptions(c_fixed=c),
-            metrics=m,
-            title="synthetic-demo",
-            source="python -m sweeper.analysis.docs_figures",
-            c_origin=origin,
-        )
+        synthetic.write_sweep_tables(sweep, h, m)
+        result = analyze_tables(load_sweep(sweep), AnalysisOptions(title="synthetic-demo"))
+        result.write(sweep / "analysis")
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
         for name in FIGURES:
@@ -62,6 +53,7 @@ def make(out_dir: Path, keep: Path | None = None) -> list[Path]:
 
 
 def main() -> None:
+    """Command-line entry: regenerate the figures into OUT_DIR."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir", nargs="?", default="docs/img", type=Path)
     ap.add_argument("--keep", type=Path, default=None, help="Also keep the sweep tables here.")

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 _DPI = 90
@@ -139,11 +140,14 @@ def norm_parabolas(pts: pd.DataFrame, optima: pd.DataFrame, model: str, layout: 
 
 
 def lr_law(optima: pd.DataFrame, fit: dict[str, Any], model: str, layout: str) -> bytes:
-    """eta* against B (one line per D) and against D (one line per B), with the fitted law."""
+    """eta* against B (one line per D) and against D (one line per B), with the fitted law.
+
+    Censored slices (eta* not bracketed) are drawn hollow: the law leaves them out by default.
+    """
     ok = optima[optima["status"] == "ok"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
-    coef = fit.get("coef")
-    src = fit.get("eta_source", "log2_lr_star")
+    coef = fit["coef"] if fit.get("identified") else None
+    src = fit.get("eta_source", "log2_lr_star_interp")
     for ax, (col, other, xlab) in zip(
         (a1, a2), (("log2_B", "log2_D", "log2 B"), ("log2_D", "log2_B", "log2 D")), strict=True
     ):
@@ -151,15 +155,11 @@ def lr_law(optima: pd.DataFrame, fit: dict[str, Any], model: str, layout: str) -
         cmap = plt.get_cmap("viridis", max(len(groups), 2))
         for j, v in enumerate(groups):
             g = ok[ok[other] == v].sort_values(col)
-            ax.plot(g[col], g[src], "o", color=cmap(j), ms=4, label=f"{other[5:]}=2^{v:g}")
-            ax.errorbar(
-                g[col],
-                g[src],
-                yerr=_yerr(g),
-                fmt="none",
-                ecolor=cmap(j),
-                alpha=0.5,
-            )
+            used = g["censored"] == ""
+            ax.plot(g.loc[used, col], g.loc[used, src], "o", color=cmap(j), ms=4,
+                    label=f"{other[5:]}=2^{v:g}")  # fmt: skip
+            ax.plot(g.loc[~used, col], g.loc[~used, src], "o", mfc="none", color=cmap(j), ms=5)
+            ax.errorbar(g[col], g[src], yerr=_yerr(g, src), fmt="none", ecolor=cmap(j), alpha=0.5)
             if coef:
                 xs = np.array([g[col].min(), g[col].max()])
                 ys = coef["gamma"] + (
@@ -175,20 +175,19 @@ def lr_law(optima: pd.DataFrame, fit: dict[str, Any], model: str, layout: str) -
         se = fit["se"]
         fig.suptitle(
             f"{_title(model, layout)}: log2 eta* = {coef['alpha']:.3f}({se['alpha']:.3f}) log2 B "
-            f"{coef['beta']:+.3f}({se['beta']:.3f}) log2 D {coef['gamma']:+.2f}, "
-            f"R2 = {fit['r2'] if fit.get('r2') is None else round(fit['r2'], 3)}"
+            f"{coef['beta']:+.3f}({se['beta']:.3f}) log2 D {coef['gamma']:+.2f} "
+            "(hollow: censored)"
         )
     else:
-        fig.suptitle(f"{_title(model, layout)}: eta* (no law: {fit.get('error', '')})")
+        fig.suptitle(f"{_title(model, layout)}: eta* (law not identified: {fit.get('reason')})")
     return _png(fig)
 
 
-def _yerr(g: pd.DataFrame) -> np.ndarray | None:
+def _yerr(g: pd.DataFrame, src: str) -> np.ndarray | None:
     if "log2_lr_star_lo" not in g or g["log2_lr_star_lo"].isna().all():
         return None
-    src = g["log2_lr_star"]
-    lo = (src - g["log2_lr_star_lo"]).clip(lower=0).fillna(0)
-    hi = (g["log2_lr_star_hi"] - src).clip(lower=0).fillna(0)
+    lo = (g[src] - g["log2_lr_star_lo"]).clip(lower=0).fillna(0)
+    hi = (g["log2_lr_star_hi"] - g[src]).clip(lower=0).fillna(0)
     return np.vstack([lo, hi])
 
 
@@ -202,10 +201,12 @@ def batch_star(bstar: pd.DataFrame, series: Sequence[dict[str, Any]]) -> bytes:
             continue
         col = cmap(j % 10)
         lab = _title(s["model"], s["layout"])
+        edge = b["edge_batch"] != ""
         ax.plot(b["log2_D"], b["log2_B_star"], "o", color=col, label=f"{lab}: argmin")
+        ax.plot(b.loc[edge, "log2_D"], b.loc[edge, "log2_B_star"], "s", mfc="none", color="r", ms=9)
         ax.plot(b["log2_D"], b["log2_B_star_interp"], "x", color=col, alpha=0.7)
         fit = s["batch_law"]
-        if "coef" in fit:
+        if fit["identified"]:
             xs = np.array([b["log2_D"].min(), b["log2_D"].max()])
             ax.plot(
                 xs,
@@ -216,14 +217,14 @@ def batch_star(bstar: pd.DataFrame, series: Sequence[dict[str, Any]]) -> bytes:
             )
     ax.set_xlabel("log2 D (tokens)")
     ax.set_ylabel("log2 B*")
-    ax.set_title("Optimal batch size B*(D) (o argmin, x parabola-refined)")
+    ax.set_title("Optimal batch size B*(D): o argmin, x refined, red square on the grid's edge")
     ax.legend(fontsize=7)
     return _png(fig)
 
 
 def norm_transfer(optima: pd.DataFrame, nt: dict[str, Any]) -> bytes:
-    """Optimal norm x0 against D, per model and B, with the pooled mean +- std band."""
-    ok = optima[optima["status"] == "ok"]
+    """Optimal norm x0 against D, per model and B, with the mean +- std band of ``nt``."""
+    ok = optima[(optima["status"] == "ok") & (optima["censored"] == "")]
     fig, ax = plt.subplots(figsize=(6.5, 4.2), layout="constrained")
     cmap = plt.get_cmap("tab10")
     for j, (model, g) in enumerate(ok.groupby("model")):
@@ -264,7 +265,7 @@ def norm_growth(
         batches = [batches[i] for i in np.linspace(0, len(batches) - 1, 6).round().astype(int)]
     fig, axes = _panels(max(len(batches), 1))
     lo, hi = (np.log2(m["lr"].min()), np.log2(m["lr"].max())) if len(m) else (0, 1)
-    norm = plt.Normalize(lo, hi)
+    norm = Normalize(lo, hi)
     for ax, bsz in zip(axes, batches, strict=False):
         g = m[m["batch_size"] == bsz].sort_values(["run_id", "tokens"])
         segs, cols = [], []
@@ -281,4 +282,86 @@ def norm_growth(
         ax.set_ylabel("log2 ||W_out||")
         fig.colorbar(lc, ax=ax, shrink=0.8, label="log2 eta")
     fig.suptitle(f"{_title(model, layout)}: output norm growth (dashed: optimal norm)")
+    return _png(fig)
+
+
+def _batch_colours(batches: Sequence[Any]) -> list[Any]:
+    cmap = plt.get_cmap("plasma")
+    # stop short of plasma's pale yellow end, which is unreadable on white
+    return [cmap(0.85 * j / max(len(batches) - 1, 1)) for j in range(len(batches))]
+
+
+def loss_vs_lr(
+    pts: pd.DataFrame, optima: pd.DataFrame, eta_col: str, model: str, layout: str
+) -> bytes:
+    """Loss against log2 eta, one panel per D and one line per B, the optimum of each marked.
+
+    The star is the fitted optimum (``eta_col``, y0); a hollow star marks a censored slice, whose
+    optimum is not bracketed by its rates.
+    """
+    tokens = sorted(pts["tokens"].unique())
+    batches = sorted(pts["batch_size"].unique())
+    colours = _batch_colours(batches)
+    fig, axes = _panels(len(tokens))
+    for ax, d in zip(axes, tokens, strict=True):
+        lows: list[float] = []
+        curve_lows: list[float] = []
+        for j, bsz in enumerate(batches):
+            p = pts[(pts["tokens"] == d) & (pts["batch_size"] == bsz)].sort_values("log2_lr")
+            p = p[np.isfinite(p["y"])]
+            if p.empty:
+                continue
+            ax.plot(p["log2_lr"], p["y"], "o-", ms=3, lw=1, color=colours[j], label=f"B={bsz}")
+            lows.append(float(p["y"].min()))
+            curve_lows.append(float(p["y"].min()))
+            o = optima[(optima["tokens"] == d) & (optima["batch_size"] == bsz)]
+            if o.empty or o["status"].iloc[0] != "ok":
+                continue
+            r = o.iloc[0]
+            hollow = r["censored"] != ""
+            ax.plot([r[eta_col]], [r["y0"]], "*", ms=12, color=colours[j], mec="k",
+                    mfc="none" if hollow else colours[j])  # fmt: skip
+            lows.append(float(r["y0"]))
+        if lows:
+            # every curve's valley and every star in view, with half a unit of loss above
+            lo, top = min(lows), max(curve_lows)
+            ax.set_ylim(lo - 0.03 * abs(lo), top + max(0.5, 0.2 * abs(top)))
+        ax.set_title(f"D = 2^{math.log2(d):g} tokens")
+        ax.set_xlabel("log2 learning rate")
+        ax.set_ylabel("loss")
+    axes[0].legend(fontsize=6, ncol=2)
+    fig.suptitle(
+        f"{_title(model, layout)}: loss against learning rate per batch size "
+        "(star: fitted optimum; hollow: censored)"
+    )
+    return _png(fig)
+
+
+def fit_quality(optima: pd.DataFrame, model: str, layout: str, gap_sigmas: float = 3.0) -> bytes:
+    """Per slice: how far the vertex lies below the lowest fitted loss, and the residual scale.
+
+    One panel per D, against log2 B: the gap y_min - y0 (o; red where flagged), the flag's
+    threshold (grid allowance + ``gap_sigmas`` x noise, dashed), the residual RMS of the fit (x)
+    and the noise scale of the points (+).
+    """
+    ok = optima[optima["status"] == "ok"]
+    tokens = sorted(ok["tokens"].unique()) or sorted(optima["tokens"].unique())
+    fig, axes = _panels(max(len(tokens), 1))
+    for ax, d in zip(axes, tokens, strict=False):
+        g = ok[ok["tokens"] == d].sort_values("log2_B")
+        thr = g["gap_allowance"] + gap_sigmas * g["noise"]
+        ax.plot(g["log2_B"], g["gap"], "o", color="tab:blue", label="lowest loss - y0")
+        bad = g["below_data"].astype(bool)
+        ax.plot(g.loc[bad, "log2_B"], g.loc[bad, "gap"], "o", color="tab:red", label="flagged")
+        ax.plot(
+            g["log2_B"], thr, "--", color="0.4", lw=1, label=f"allowance + {gap_sigmas:g} noise"
+        )
+        ax.plot(g["log2_B"], g["resid_rms"], "x", color="tab:green", label="residual RMS")
+        ax.plot(g["log2_B"], g["noise"], "+", color="tab:purple", label="noise of the points")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_title(f"D = 2^{math.log2(d):g} tokens")
+        ax.set_xlabel("log2 B")
+        ax.set_ylabel("loss")
+    axes[0].legend(fontsize=6)
+    fig.suptitle(f"{_title(model, layout)}: fit quality per slice")
     return _png(fig)

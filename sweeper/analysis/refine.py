@@ -10,38 +10,51 @@ table already has and against ``extra_points.json``:
   some D), the rate predicted to reach the sweep's optimal output norm at D, from an OLS fit of the
   norm growth ``log2 ||W_out|| ~ log2 eta + log2 B + log2 D``, plus its grid neighbours;
 * ``optuna``: a TPE sampler over (log2 eta, log2 B) per D, seeded with the finished runs.
+
+Nothing here writes a file: :func:`merge_points` returns the new ``extra_points.json`` entries, and
+applying them (writing the file, planning the runs) is the caller's.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from sweeper.analysis import laws
-from sweeper.analysis.tables import AnalysisError, atomic_write_bytes, layout_scales
+from sweeper.analysis.tables import AnalysisError, layout_scales
 
 _ROUND = 6  # log2 rates equal to 1e-6 are the same grid point
 
 
 @dataclass(frozen=True)
 class Proposal:
-    """One proposed run."""
+    """One proposed run.
+
+    Attributes:
+        model: Model name.
+        lr: Base learning rate.
+        batch_size: Global batch size in sequences.
+        layout: Per-group LR layout label (``in:hidden:out``).
+        source: Why, in words (for people).
+        kind: Which rule proposed it: ``extend``, ``densify``, ``untried`` or ``optuna``; the
+            point's ``source`` in ``extra_points.json`` is ``refine_<kind>``.
+    """
 
     model: str
     lr: float
     batch_size: int
     layout: str
     source: str
+    kind: str = "extend"
 
     @property
     def key(self) -> tuple[str, str, int, float]:
+        """Dedup key ``(model, layout, batch_size, round(log2 lr, 6))``."""
         return (self.model, self.layout, self.batch_size, round(math.log2(self.lr), _ROUND))
 
     def to_point(self) -> dict[str, Any]:
@@ -52,7 +65,7 @@ class Proposal:
             "batch_size": self.batch_size,
             # Always explicit: the planner's default is the spec's first layout, maybe not ours.
             "lr_scales": layout_scales(self.layout),
-            "source": self.source,
+            "source": f"refine_{self.kind}",
         }
 
 
@@ -93,6 +106,7 @@ class _Grid:
         self.b_values = bs
 
     def snap(self, log2_lr: float, step: float | None = None) -> float:
+        """The grid point (of ``step``, default the grid's) nearest ``log2_lr``."""
         st = step or self.step
         return round(self.origin + st * round((log2_lr - self.origin) / st), _ROUND)
 
@@ -157,7 +171,7 @@ def _extend(optima: pd.DataFrame, grids: dict[Any, _Grid], opts: RefineOptions) 
                 f"extend eta {'above' if sign > 0 else 'below'} the grid: optimum on the "
                 f"{r.edge} edge at D={r.tokens}, B={r.batch_size}"
             )
-            out.append(Proposal(r.model, 2.0**le, int(r.batch_size), r.layout, why))
+            out.append(Proposal(r.model, 2.0**le, int(r.batch_size), r.layout, why, "extend"))
     return out
 
 
@@ -172,7 +186,7 @@ def _densify(optima: pd.DataFrame, grids: dict[Any, _Grid], opts: RefineOptions)
         for sign in (-1, 1):
             le = g.snap(r.log2_lr_star + sign * half, half)
             why = f"densify eta around eta* at D={r.tokens}, B={r.batch_size}"
-            out.append(Proposal(r.model, 2.0**le, int(r.batch_size), r.layout, why))
+            out.append(Proposal(r.model, 2.0**le, int(r.batch_size), r.layout, why, "densify"))
     return out
 
 
@@ -195,7 +209,7 @@ def norm_growth_fit(df: pd.DataFrame) -> dict[str, Any]:
 def _untried(
     df: pd.DataFrame, optima: pd.DataFrame, grids: dict[Any, _Grid], opts: RefineOptions
 ) -> list[Proposal]:
-    out = []
+    out: list[Proposal] = []
     ok = optima[optima["status"] == "ok"]
     if ok.empty:
         return out
@@ -203,7 +217,7 @@ def _untried(
     seq_len = df["seq_len"].dropna() if "seq_len" in df.columns else pd.Series(dtype=float)
     for (model, layout), g in df.groupby(["model", "layout"]):
         fit = norm_growth_fit(g)
-        if "coef" not in fit or fit["coef"]["p_lr"] <= 0:
+        if not fit["identified"] or not fit["coef"]["p_lr"] > 0:
             continue
         c = fit["coef"]
         grid = grids[(model, layout)]
@@ -230,7 +244,8 @@ def _untried(
                 centre = grid.snap(le)
                 why = f"untried B={batch} at D={tokens}: eta predicted to reach log2 norm {x0:.2f}"
                 for i in range(-opts.window, opts.window + 1):
-                    out.append(Proposal(model, 2.0 ** (centre + i * grid.step), batch, layout, why))
+                    le = centre + i * grid.step
+                    out.append(Proposal(model, 2.0**le, batch, layout, why, "untried"))
     return out
 
 
@@ -272,28 +287,11 @@ def _optuna(
             # value so it spreads its remaining asks instead of repeating one point.
             study.tell(trial, float(pts["train_loss"].max()))
             why = f"optuna TPE over (log2 eta, log2 B) at D={tokens}"
-            out.append(Proposal(model, 2.0**le, batch, layout, why))
+            out.append(Proposal(model, 2.0**le, batch, layout, why, "optuna"))
     return out
 
 
 # --------------------------------------------------------------------------- extra_points.json
-
-
-def read_extra_points(path: Path) -> list[dict[str, Any]]:
-    """The entries of ``extra_points.json`` ([] if absent); AnalysisError if it is malformed."""
-    if not path.is_file():
-        return []
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AnalysisError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
-        raise AnalysisError(f"{path}: expected a JSON list of objects")
-    for i, d in enumerate(data):
-        for key in ("model", "lr", "batch_size"):
-            if key not in d:
-                raise AnalysisError(f"{path}: entry {i} has no {key!r}")
-    return data
 
 
 def point_key(d: dict[str, Any]) -> tuple[str, str, int, float]:
@@ -303,9 +301,25 @@ def point_key(d: dict[str, Any]) -> tuple[str, str, int, float]:
     return (str(d["model"]), layout, int(d["batch_size"]), round(math.log2(float(d["lr"])), _ROUND))
 
 
-def apply_proposals(path: Path, proposals: list[Proposal]) -> list[dict[str, Any]]:
-    """Append proposals not yet in ``extra_points.json`` (atomic rewrite); returns those added."""
-    entries = read_extra_points(path)
+def check_points(entries: Any, source: str) -> list[dict[str, Any]]:
+    """Validate the content of an ``extra_points.json``: a list of objects with model, lr, B.
+
+    Raises:
+        AnalysisError: naming ``source`` and the first bad entry.
+    """
+    if not isinstance(entries, list) or not all(isinstance(d, dict) for d in entries):
+        raise AnalysisError(f"{source}: expected a JSON list of objects")
+    for i, d in enumerate(entries):
+        for key in ("model", "lr", "batch_size"):
+            if key not in d:
+                raise AnalysisError(f"{source}: entry {i} has no {key!r}")
+    return entries
+
+
+def merge_points(
+    entries: list[dict[str, Any]], proposals: Iterable[Proposal]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(all entries, entries added)``: the proposals not yet among ``entries``, appended."""
     have = {point_key(d) for d in entries}
     added = []
     for p in proposals:
@@ -313,6 +327,4 @@ def apply_proposals(path: Path, proposals: list[Proposal]) -> list[dict[str, Any
             continue
         have.add(p.key)
         added.append(p.to_point())
-    if added:
-        atomic_write_bytes(path, (json.dumps(entries + added, indent=1) + "\n").encode())
-    return added
+    return [*entries, *added], added

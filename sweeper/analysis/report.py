@@ -1,8 +1,11 @@
-"""The whole analysis of one horizons table: optima, laws, plots, and a self-contained HTML report.
+"""Writing an :class:`~sweeper.analysis.api.Analysis`: tables, figures, and one self-contained HTML
+report.
 
-:func:`run_analysis` writes into the output directory (each file atomically):
-``optima.parquet``, ``fits.json``, the PNG figures and ``report.html`` (figures embedded as base64,
-so the single file can be sent to a colleague).
+:func:`write_outputs` writes into the output directory (each file atomically): ``optima.parquet``,
+``fits.json``, the PNG figures and ``report.html`` (figures embedded as base64, so the single file
+can be sent to a colleague). The report opens with the warnings, then the laws with their 95 %
+intervals and what was censored, then the figures under headings in words, loss against learning
+rate first.
 """
 
 from __future__ import annotations
@@ -10,239 +13,66 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
+import io
 import json
 import math
 import re
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from sweeper.analysis import laws, optimum, plots
-from sweeper.analysis.optimum import FitOptions
-from sweeper.analysis.tables import AnalysisError, atomic_write_bytes, atomic_write_parquet
+from sweeper import fsutil
+
+if TYPE_CHECKING:
+    from sweeper.analysis.api import Analysis
 
 
-@dataclass
-class AnalysisResult:
-    """What :func:`run_analysis` produced."""
+@dataclass(frozen=True)
+class Figure:
+    """One figure: its file name, its heading in words, and the PNG bytes."""
 
-    out_dir: Path
-    optima: pd.DataFrame
-    fits: dict[str, Any]
-    files: list[Path] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    cpu_timings: dict[str, float] = field(default_factory=dict)
+    name: str
+    heading: str
+    png: bytes
 
 
-class _Clock:
-    """Wall and process-CPU seconds per stage (the CPU figure is robust to a busy machine)."""
-
-    def __init__(self) -> None:
-        self.wall: dict[str, float] = {}
-        self.cpu: dict[str, float] = {}
-        self._w, self._c = time.perf_counter(), time.process_time()
-
-    def lap(self, stage: str) -> None:
-        w, c = time.perf_counter(), time.process_time()
-        self.wall[stage], self.cpu[stage] = w - self._w, c - self._c
-        self._w, self._c = w, c
+_FIGURE_PREFIXES = (
+    "loss_vs_lr_",
+    "loss_surface_",
+    "norm_fit_",
+    "fit_quality_",
+    "lr_law_",
+    "norm_growth_",
+    "batch_star",
+    "norm_",
+)
 
 
-def initial_loss(df: pd.DataFrame, metrics: pd.DataFrame | None) -> tuple[float | None, str]:
-    """The loss at initialisation (x = 0) to fix the intercept to, and where it came from.
-
-    Looks for step-0 rows of the table (kept aside by the loader), then for the step-0
-    ``train_loss`` in the metrics table; their median is taken (every run of a model starts from the
-    same loss, ~ln(vocab_size)). See :func:`initial_losses` for the per-model values.
-    """
-    if "initial_loss" in df.attrs:
-        return float(df.attrs["initial_loss"]), "median step-0 loss of the table"
-    first = _metrics_step0(df, metrics)
-    if first is not None:
-        return float(first["value"].median()), "median step-0 train_loss of metrics.parquet"
-    return None, "none found: intercept fitted freely"
-
-
-def initial_losses(df: pd.DataFrame, metrics: pd.DataFrame | None) -> dict[str, float]:
-    """Per-model median step-0 loss, from the same sources as :func:`initial_loss`."""
-    if "initial_loss_per_model" in df.attrs:
-        return dict(df.attrs["initial_loss_per_model"])
-    first = _metrics_step0(df, metrics)
-    if first is None:
-        return {}
-    return {str(k): float(v) for k, v in first.groupby("model")["value"].median().items()}
-
-
-def _metrics_step0(df: pd.DataFrame, metrics: pd.DataFrame | None) -> pd.DataFrame | None:
-    """Step-0 ``train_loss`` rows of the metrics table with each run's model, or None."""
-    if metrics is None or "step" not in metrics.columns:
-        return None
-    m = metrics[(metrics["metric"] == "train_loss") & (metrics["step"] == 0)].dropna(
-        subset=["value"]
-    )
-    runs = df[["run_id", "model"]].drop_duplicates("run_id")
-    m = m.assign(run_id=m["run_id"].astype(str)).merge(runs, on="run_id", how="inner")
-    return None if m.empty else m
-
-
-def run_analysis(
-    df: pd.DataFrame,
-    out_dir: Path,
-    *,
-    opts: FitOptions,
-    metrics: pd.DataFrame | None = None,
-    eta_source: str = "log2_lr_star",
-    make_plots: bool = True,
-    title: str = "",
-    source: str = "",
-    c_origin: str = "",
-) -> AnalysisResult:
-    """Analyse a normalised horizons table and write the outputs into ``out_dir``.
-
-    Args:
-        df: Horizons table (see :func:`sweeper.analysis.tables.normalise`).
-        out_dir: Output directory (created).
-        opts: Optimum-finder options (``c_fixed`` already resolved).
-        metrics: Long per-step metrics table, for the norm-growth figure (optional).
-        eta_source: Which eta* the learning-rate law is fitted to: ``log2_lr_star`` (the paper's:
-            the rate of the point nearest the vertex) or ``log2_lr_star_interp``.
-        make_plots: Draw the figures (the tables and the report are written either way).
-        title: Report title (e.g. the sweep name).
-        source: Where the table came from, for the report.
-        c_origin: How ``opts.c_fixed`` was chosen, for the report.
-
-    Raises:
-        AnalysisError: the table has no usable slice.
-    """
-    if eta_source not in laws.ETA_SOURCES:
-        raise AnalysisError(f"eta source = {eta_source!r}: must be one of {laws.ETA_SOURCES}")
-    clock = _Clock()
-    pts = optimum.slice_points(df, opts)
-    optima = optimum.find_optima(df, opts)
-    if optima.empty or not (optima["status"] == "ok").any():
-        raise AnalysisError(
-            f"{source or 'table'}: no (model, D, B) slice has 3 usable points to fit an optimum"
-        )
-    clock.lap("optima")
-    fits = laws.fit_all(optima, eta_source)
-    bstar = fits.pop("batch_star")
-    clock.lap("laws")
-    warnings = _warnings(optima, fits, opts, metrics)
-    figures = _figures(pts, optima, bstar, fits, df, metrics) if make_plots else {}
-    clock.lap("plots")
-    doc = {
-        "title": title,
-        "source": source,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "options": asdict(opts) | {"eta_source": eta_source, "c_origin": c_origin},
-        "warnings": warnings,
-        **fits,
-        "batch_star": bstar.to_dict(orient="records"),
+def document(a: Analysis) -> dict[str, Any]:
+    """The content of ``fits.json``: options, intercept, warnings, laws, B*(D), censored slices."""
+    opts = asdict(a.options) | {
+        "c_fixed": a.intercept.c_fixed,
+        "c_origin": a.intercept.origin,
+        "eta_source": a.eta_source,
     }
-    doc = _jsonable(doc)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = []
-    atomic_write_parquet(out_dir / "optima.parquet", optima)
-    atomic_write_bytes(out_dir / "fits.json", json.dumps(doc, indent=1).encode())
-    files += [out_dir / "optima.parquet", out_dir / "fits.json"]
-    for name, png in figures.items():
-        atomic_write_bytes(out_dir / name, png)
-        files.append(out_dir / name)
-    atomic_write_bytes(out_dir / "report.html", render_html(doc, optima, figures).encode())
-    files.append(out_dir / "report.html")
-    _remove_stale_figures(out_dir, set(figures))
-    clock.lap("write")
-    return AnalysisResult(out_dir, optima, doc, files, clock.wall, warnings, clock.cpu)
-
-
-_FIGURE_PREFIXES = ("loss_surface_", "norm_fit_", "lr_law_", "norm_growth_", "batch_star", "norm_")
-
-
-def _remove_stale_figures(out_dir: Path, current: set[str]) -> None:
-    """Delete figures of an earlier analysis that this one did not redraw (they would mislead)."""
-    for p in out_dir.glob("*.png"):
-        if p.name not in current and p.name.startswith(_FIGURE_PREFIXES):
-            p.unlink(missing_ok=True)
-
-
-def _slug(*parts: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts)).strip("-")
-
-
-def _figures(
-    pts: pd.DataFrame,
-    optima: pd.DataFrame,
-    bstar: pd.DataFrame,
-    fits: dict[str, Any],
-    df: pd.DataFrame,
-    metrics: pd.DataFrame | None,
-) -> dict[str, bytes]:
-    """All figures, keyed by file name, in report order."""
-    figs: dict[str, bytes] = {}
-    multi_layout = optima["layout"].nunique() > 1
-    for s in fits["series"]:
-        model, layout = s["model"], s["layout"]
-        slug = _slug(model, layout) if multi_layout else _slug(model)
-        sel = (pts["model"] == model) & (pts["layout"] == layout)
-        o = optima[(optima["model"] == model) & (optima["layout"] == layout)]
-        b = bstar[(bstar["model"] == model) & (bstar["layout"] == layout)]
-        figs[f"loss_surface_{slug}.png"] = plots.loss_surface(pts[sel], o, b, model, layout)
-        figs[f"norm_fit_{slug}.png"] = plots.norm_parabolas(pts[sel], o, model, layout)
-        figs[f"lr_law_{slug}.png"] = plots.lr_law(o, s["lr_law"], model, layout)
-        if metrics is not None and (metrics["metric"] == "output_norm").any():
-            runs = df.loc[
-                (df["model"] == model) & (df["layout"] == layout), ["run_id", "lr", "batch_size"]
-            ].drop_duplicates("run_id")
-            x0 = fits["norm_transfer"]["all"].get("mean")
-            figs[f"norm_growth_{slug}.png"] = plots.norm_growth(metrics, runs, x0, model, layout)
-    figs["batch_star.png"] = plots.batch_star(bstar, fits["series"])
-    figs["norm_transfer.png"] = plots.norm_transfer(optima, fits["norm_transfer"])
-    return figs
-
-
-def _warnings(
-    optima: pd.DataFrame, fits: dict[str, Any], opts: FitOptions, metrics: pd.DataFrame | None
-) -> list[str]:
-    out = []
-    edge = optima[optima["edge"] != ""]
-    if len(edge):
-        ex = ", ".join(
-            f"{r.model} D={r.tokens} B={r.batch_size} ({r.edge})" for r in edge.head(5).itertuples()
-        )
-        out.append(
-            f"{len(edge)} slice(s) have their best rate on the edge of the rate grid "
-            f"(e.g. {ex}); `sweeper refine` proposes the rates beyond"
-        )
-    for status, why in (
-        ("not_convex", "the fitted parabola is not convex"),
-        ("too_few_points", "fewer than 3 usable points"),
-    ):
-        n = int((optima["status"] == status).sum())
-        if n:
-            out.append(f"{n} slice(s) without an optimum: {why}")
-    n_out = int(optima["vertex_outside"].sum())
-    if n_out:
-        out.append(f"{n_out} slice(s) have the parabola's vertex outside the fitted points")
-    # With one model the pooled fit is the per-model fit again: do not warn twice.
-    pooled = fits["pooled"] if optima["model"].nunique() > 1 else []
-    for s in fits["series"] + pooled:
-        for law in ("lr_law", "batch_law"):
-            if "error" in s[law]:
-                out.append(f"{s['model']} {s['layout']}: no {law} ({s[law]['error']})")
-    if opts.c_fixed is None:
-        out.append("intercept c fitted freely, not at the initial loss (--free-c or no step 0)")
-    if metrics is None:
-        out.append("no metrics.parquet: the norm-growth figure is missing")
-    return out
+    doc = {
+        "title": a.options.title or a.tables.title,
+        "source": a.tables.source,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "options": opts,
+        "warnings": list(a.warnings),
+        **a.laws,
+        "batch_star": a.batch_star.to_dict(orient="records"),
+        "censored": a.censored.to_dict(orient="records"),
+    }
+    return dict(_jsonable(doc))
 
 
 def _jsonable(v: Any) -> Any:
-    """NaN/inf to null, numpy scalars to Python, recursively."""
+    """NaN/inf to null, numpy scalars to Python, tuples to lists, recursively."""
     if isinstance(v, dict):
         return {str(k): _jsonable(x) for k, x in v.items()}
     if isinstance(v, list | tuple):
@@ -254,6 +84,88 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _slug(*parts: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts)).strip("-")
+
+
+def figures(a: Analysis) -> list[Figure]:
+    """All figures of the analysis, in report order (loss against learning rate first)."""
+    from sweeper.analysis import plots
+
+    figs: list[Figure] = []
+    multi = a.optima["layout"].nunique() > 1
+    for s in a.laws["series"]:
+        model, layout = s["model"], s["layout"]
+        slug = _slug(model, layout) if multi else _slug(model)
+        who = model if layout == "1:1:1" else f"{model}, layout {layout}"
+        sel = (a.points["model"] == model) & (a.points["layout"] == layout)
+        p = a.points[sel]
+        o = a.optima[(a.optima["model"] == model) & (a.optima["layout"] == layout)]
+        b = a.batch_star[(a.batch_star["model"] == model) & (a.batch_star["layout"] == layout)]
+        add = figs.append
+        add(Figure(f"loss_vs_lr_{slug}.png",
+                   f"Loss against learning rate, one line per batch size ({who})",
+                   plots.loss_vs_lr(p, o, a.eta_source, model, layout)))  # fmt: skip
+        add(Figure(f"norm_fit_{slug}.png",
+                   f"Loss against output norm, with the fitted parabolas ({who})",
+                   plots.norm_parabolas(p, o, model, layout)))  # fmt: skip
+        add(Figure(f"fit_quality_{slug}.png",
+                   f"Fit quality per slice: vertex against the lowest loss, residual scale ({who})",
+                   plots.fit_quality(o, model, layout, a.options.gap_sigmas)))  # fmt: skip
+        add(Figure(f"loss_surface_{slug}.png",
+                   f"Loss over learning rate and batch size ({who})",
+                   plots.loss_surface(p, o, b, model, layout)))  # fmt: skip
+        add(Figure(f"lr_law_{slug}.png",
+                   f"Optimal learning rate against batch size and horizon, with the law ({who})",
+                   plots.lr_law(o, s["lr_law"], model, layout)))  # fmt: skip
+        growth = _norm_growth(a, model, layout)
+        if growth is not None:
+            add(Figure(f"norm_growth_{slug}.png", f"Output norm during training ({who})", growth))
+    figs.append(Figure("batch_star.png", "Optimal batch size against horizon",
+                       plots.batch_star(a.batch_star, a.laws["series"])))  # fmt: skip
+    figs.append(Figure("norm_transfer.png", "Optimal output norm against horizon (norm transfer)",
+                       plots.norm_transfer(a.optima, a.laws["norm_transfer"])))  # fmt: skip
+    return figs
+
+
+def _norm_growth(a: Analysis, model: str, layout: str) -> bytes | None:
+    from sweeper.analysis import plots
+
+    metrics = a.tables.metrics
+    if metrics is None or not (metrics["metric"] == "output_norm").any():
+        return None
+    h = a.tables.horizons
+    runs = h.loc[(h["model"] == model) & (h["layout"] == layout), ["run_id", "lr", "batch_size"]]
+    x0 = a.laws["norm_transfer"]["all"].get("mean")
+    return plots.norm_growth(metrics, runs.drop_duplicates("run_id"), x0, model, layout)
+
+
+def write_outputs(a: Analysis, out_dir: Path) -> list[Path]:
+    """Write ``optima.parquet``, ``fits.json``, the figures and ``report.html`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = document(a)
+    figs = figures(a) if a.options.plots else []
+    buf = io.BytesIO()
+    a.optima.to_parquet(buf, index=False)
+    files = [out_dir / "optima.parquet", out_dir / "fits.json"]
+    fsutil.write_bytes_atomic(files[0], buf.getvalue())
+    fsutil.write_bytes_atomic(files[1], (json.dumps(doc, indent=1) + "\n").encode())
+    for f in figs:
+        fsutil.write_bytes_atomic(out_dir / f.name, f.png)
+        files.append(out_dir / f.name)
+    fsutil.write_text_atomic(out_dir / "report.html", render_html(doc, a.optima, figs))
+    files.append(out_dir / "report.html")
+    _remove_stale_figures(out_dir, {f.name for f in figs})
+    return files
+
+
+def _remove_stale_figures(out_dir: Path, current: set[str]) -> None:
+    """Delete figures of an earlier analysis that this one did not redraw (they would mislead)."""
+    for p in out_dir.glob("*.png"):
+        if p.name not in current and p.name.startswith(_FIGURE_PREFIXES):
+            p.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------------------- HTML
 
 _CSS = """
@@ -263,48 +175,102 @@ td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f3f3f3}
 img{max-width:100%;border:1px solid #eee;margin:0.5em 0}
 .warn{background:#fff6e0;border-left:4px solid #e0a000;padding:0.5em 1em}
+.warn ul{max-height:24em;overflow-y:auto}
 code{background:#f3f3f3;padding:0 3px}
 """
 
-
 _ETA_TEXT = {
-    "log2_lr_star": "the rate of the point nearest the vertex (the paper's)",
-    "log2_lr_star_interp": "the rate interpolated at the optimal norm",
+    "log2_lr_star": "the grid point nearest the vertex (the paper's rule)",
+    "log2_lr_star_interp": "interpolated at the optimal norm (between grid points)",
+}
+_B_TEXT = {
+    "log2_B_star": "argmin over the batch grid (the paper's rule)",
+    "log2_B_star_interp": "refined by a parabola through the argmin and its neighbours",
 }
 
 
-def _pm(fit: dict[str, Any], name: str, digits: int = 3) -> str:
-    if "coef" not in fit:
-        return html.escape(fit.get("error", "-"))
-    c, s = fit["coef"].get(name), fit["se"].get(name)
-    if c is None:
+def _coef(fit: dict[str, Any], name: str, digits: int = 3) -> str:
+    if not fit.get("identified"):
         return "-"
-    return f"{c:.{digits}f} &plusmn; {s:.{digits}f}"
-
-
-def _r2(fit: dict[str, Any]) -> str:
-    r2 = fit.get("r2")
-    return "-" if r2 is None else f"{r2:.3f}"
-
-
-def _laws_table(doc: dict[str, Any]) -> str:
-    head = (
-        "<tr><th>model</th><th>layout</th><th>slices</th><th>alpha</th><th>beta</th>"
-        "<th>gamma</th><th>R&sup2;</th><th>b (B*=aD^b)</th><th>log2 a</th><th>R&sup2;</th>"
-        "<th>b (refined B*)</th><th>eta*(D) exponent</th></tr>"
+    c, s = fit["coef"][name], fit["se"][name]
+    lo, hi = fit["ci"][name]
+    return (
+        f"{c:.{digits}f} &plusmn; {s:.{digits}f} <small>[{lo:.{digits}f}, {hi:.{digits}f}]</small>"
     )
-    rows = []
-    for s in doc["series"] + doc["pooled"]:
-        lr, bl, bi, ev = s["lr_law"], s["batch_law"], s["batch_law_interp"], s["eta_vs_data"]
-        ev_s = f"{ev['exponent']:.3f} &plusmn; {ev['se']:.3f}" if "exponent" in ev else "-"
-        rows.append(
-            f"<tr><td>{html.escape(s['model'])}</td><td>{html.escape(s['layout'])}</td>"
-            f"<td>{s['n_slices']}</td><td>{_pm(lr, 'alpha')}</td><td>{_pm(lr, 'beta')}</td>"
-            f"<td>{_pm(lr, 'gamma', 2)}</td><td>{_r2(lr)}</td>"
-            f"<td>{_pm(bl, 'b')}</td><td>{_pm(bl, 'log2_a', 2)}</td>"
-            f"<td>{_r2(bl)}</td><td>{_pm(bi, 'b')}</td><td>{ev_s}</td></tr>"
+
+
+def _law_row(kind: str, fit: dict[str, Any], names: list[str], headline: bool) -> str:
+    source = fit.get("eta_source") or fit.get("b_source") or ""
+    label = f"{'<b>' if headline else ''}{kind}{'</b>' if headline else ''}"
+    what = html.escape(_ETA_TEXT.get(source) or _B_TEXT.get(source, source))
+    if not fit.get("identified"):
+        cells = "<td colspan='4' style='text-align:left'>not identified: " + (
+            f"{html.escape(str(fit.get('reason')))}</td>"
         )
-    return f"<table>{head}{''.join(rows)}</table>"
+    else:
+        r2 = "-" if fit.get("r2") is None else f"{fit['r2']:.3f}"
+        coefs = [f"<td>{name} = {_coef(fit, name)}</td>" for name in names]
+        cells = "".join(coefs + ["<td></td>"] * (3 - len(names))) + f"<td>{r2}</td>"
+    return (
+        f"<tr><td style='text-align:left'>{label}</td><td style='text-align:left'>{what}</td>"
+        f"{cells}<td>{fit.get('n', 0)}</td><td>{fit.get('n_censored', 0)}</td></tr>"
+    )
+
+
+def _laws_section(doc: dict[str, Any]) -> str:
+    parts = []
+    series = doc["series"] + (doc["pooled"] if len(doc["series"]) > 1 else [])
+    for s in series:
+        who = "all models" if s["model"] == "*" else s["model"]
+        lay = "" if s["layout"] == "1:1:1" else f", layout {s['layout']}"
+        head = (
+            "<tr><th>law</th><th>fitted to</th><th colspan='3'>coefficients &plusmn; se "
+            "[95 % interval]</th><th>R&sup2;</th><th>n</th><th>censored</th></tr>"
+        )
+        rows = [
+            _law_row(
+                "log2 eta* = alpha log2 B + beta log2 D + gamma",
+                s["lr_law"],
+                ["alpha", "beta", "gamma"],
+                True,
+            ),  # fmt: skip
+            _law_row("(beside it)", s["lr_law_alt"], ["alpha", "beta", "gamma"], False),
+            _law_row("log2 B* = b log2 D + log2 a", s["batch_law"], ["b", "log2_a"], True),
+            _law_row("(beside it)", s["batch_law_alt"], ["b", "log2_a"], False),
+        ]
+        ev = s["eta_vs_data"]
+        ev_text = (
+            f"{ev['exponent']:.3f} &plusmn; {ev['se']:.3f}"
+            if ev.get("identified")
+            else f"not identified: {html.escape(str(ev.get('reason')))}"
+        )
+        parts.append(
+            f"<h3>{html.escape(who + lay)}: {s['n_slices']} slices with an optimum</h3>"
+            f"<table>{head}{''.join(rows)}</table>"
+            f"<p>eta*(D) at B*(D) grows as D to the power alpha b + beta = {ev_text}.</p>"
+        )
+    return "".join(parts)
+
+
+def _censored_section(doc: dict[str, Any]) -> str:
+    cens = doc["censored"]
+    bcens = [r for r in doc["batch_star"] if r.get("censored")]
+    if not cens and not bcens:
+        return "<p>Nothing censored: every optimum is bracketed by the rates and batch sizes.</p>"
+    items = [
+        f"<li>{html.escape(r['model'])} D=2^{math.log2(r['tokens']):g} B={r['batch_size']}: "
+        f"{html.escape(r['censored'])}</li>"
+        for r in cens
+    ] + [
+        f"<li>{html.escape(r['model'])} D=2^{math.log2(r['tokens']):g}: "
+        f"{html.escape(r['censored'])}</li>"
+        for r in bcens
+    ]
+    return (
+        f"<p>{len(cens)} slice(s) left out of the eta* laws and {len(bcens)} horizon(s) left out "
+        f"of the B* laws (<code>--include-censored</code> fits them too):</p><ul>{''.join(items)}"
+        "</ul>"
+    )
 
 
 def _nt_table(nt: dict[str, Any]) -> str:
@@ -312,9 +278,10 @@ def _nt_table(nt: dict[str, Any]) -> str:
 
     def row(label: str, st: dict[str, Any]) -> None:
         if st.get("n"):
+            std = "-" if st["std"] is None else f"{st['std']:.3f}"
             rows.append(
                 f"<tr><td>{html.escape(label)}</td><td>{st['n']}</td><td>{st['mean']:.3f}</td>"
-                f"<td>{st['std']:.3f}</td><td>{st['min']:.3f}</td><td>{st['max']:.3f}</td></tr>"
+                f"<td>{std}</td><td>{st['min']:.3f}</td><td>{st['max']:.3f}</td></tr>"
             )
 
     row("all slices", nt["all"])
@@ -327,28 +294,45 @@ def _nt_table(nt: dict[str, Any]) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def render_html(doc: dict[str, Any], optima: pd.DataFrame, figures: dict[str, bytes]) -> str:
+def _intro(doc: dict[str, Any]) -> str:
+    o = doc["options"]
+    c = "fitted freely" if o["c_fixed"] is None else f"fixed at {o['c_fixed']:.4g}"
+    smooth = (
+        f"averaged over logged points {o['smooth_from']}..{o['smooth_to']} around D"
+        if o["smooth"]
+        else "not smoothed"
+    )
+    return (
+        f"<p>Source <code>{html.escape(str(doc.get('source', '')))}</code>, made "
+        f"{html.escape(doc['created'])}. Optimum per (model, D, B): weighted quadratic fit of loss "
+        f"against log2 output norm on the k = {o['k']} points nearest the minimum, points "
+        f"{smooth}; intercept c {c} ({html.escape(o.get('c_origin') or '')}); "
+        f"{o['n_boot']} bootstrap resamples. The headline laws are fitted to eta* "
+        f"{html.escape(_ETA_TEXT[o['eta_source']])}, "
+        f"{'including' if o['include_censored'] else 'leaving out'} censored slices.</p>"
+    )
+
+
+def render_html(doc: dict[str, Any], optima: pd.DataFrame, figs: list[Figure]) -> str:
     """The self-contained report (figures embedded as base64 PNG)."""
     title = html.escape(doc.get("title") or "sweep")
-    opts = doc["options"]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>Scaling analysis: {title}</title>",
         f"<style>{_CSS}</style></head><body><h1>Scaling analysis: {title}</h1>",
-        f"<p>Source <code>{html.escape(str(doc.get('source', '')))}</code>, made "
-        f"{html.escape(doc['created'])}. Optimum per (model, D, B): weighted quadratic fit of loss "
-        f"against log2 output norm on the k = {opts['k']} points nearest the minimum; intercept "
-        f"c = {'free' if opts['c_fixed'] is None else format(opts['c_fixed'], '.4g')} "
-        f"({html.escape(opts.get('c_origin') or '')}); "
-        f"laws fitted to eta* = {_ETA_TEXT[opts['eta_source']]}; "
-        f"{opts['n_boot']} bootstrap resamples.</p>",
+        _intro(doc),
     ]
     if doc["warnings"]:
         items = "".join(f"<li>{html.escape(w)}</li>" for w in doc["warnings"])
-        parts.append(f"<div class='warn'><b>Warnings</b><ul>{items}</ul></div>")
-    parts += ["<h2>Scaling laws</h2>", _laws_table(doc)]
+        parts.append(
+            f"<div class='warn'><b>Warnings ({len(doc['warnings'])})</b><ul>{items}</ul></div>"
+        )
+    else:
+        parts.append("<p>No warnings.</p>")
+    parts += ["<h2>Scaling laws</h2>", _laws_section(doc)]
+    parts += ["<h2>Censored</h2>", _censored_section(doc)]
     parts += [
-        "<h2>Norm transfer (optimal log2 output norm x0)</h2>",
+        "<h2>Norm transfer: optimal log2 output norm x0</h2>",
         _nt_table(doc["norm_transfer"]),
     ]
     if doc.get("layouts"):
@@ -360,41 +344,28 @@ def render_html(doc: dict[str, Any], optima: pd.DataFrame, figures: dict[str, by
         )
     bs = pd.DataFrame(doc["batch_star"])
     if not bs.empty:
-        cols = ["model", "layout", "tokens", "batch_size_star", "lr_star", "y0", "x0"]
-        parts += [
-            "<h2>B*(D) and eta* at B*</h2>",
-            bs[cols].to_html(index=False, float_format="%.4g"),
-        ]
+        cols = ["model", "layout", "tokens", "batch_size_star", "lr_star", "y0", "x0", "censored"]
+        parts += ["<h2>Optimal batch size B*(D)</h2>", bs[cols].to_html(index=False,
+                  float_format="%.4g", na_rep="-")]  # fmt: skip
     parts.append("<h2>Figures</h2>")
-    for name, png in figures.items():
-        b64 = base64.b64encode(png).decode()
+    for f in figs:
+        b64 = base64.b64encode(f.png).decode()
         parts.append(
-            f"<h3>{html.escape(name)}</h3><img alt='{html.escape(name)}' "
+            f"<h3>{html.escape(f.heading)}</h3><img alt='{html.escape(f.heading)}' "
             f"src='data:image/png;base64,{b64}'>"
         )
+    parts.append(_optima_table(optima))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _optima_table(optima: pd.DataFrame) -> str:
     cols = [
-        "model",
-        "layout",
-        "tokens",
-        "batch_size",
-        "status",
-        "x0",
-        "x0_lo",
-        "x0_hi",
-        "y0",
-        "lr_star",
-        "lr_star_interp",
-        "lr_argmin",
-        "lr_quad",
-        "edge",
-        "n_valid",
-        "boot_valid",
+        *("model", "layout", "tokens", "batch_size", "status", "x0", "x0_lo", "x0_hi", "y0"),
+        *("lr_star", "lr_star_interp", "lr_argmin", "edge", "censored", "gap", "noise"),
+        *("n_valid", "boot_valid"),
     ]
     shown = optima[[c for c in cols if c in optima.columns]]
     note = "" if len(shown) <= 300 else f" (first 300 of {len(shown)}; all in optima.parquet)"
-    parts += [
-        f"<h2>Optima per slice{note}</h2>",
-        shown.head(300).to_html(index=False, float_format="%.4g", na_rep="-"),
-        "</body></html>",
-    ]
-    return "\n".join(parts)
+    table = str(shown.head(300).to_html(index=False, float_format="%.4g", na_rep="-"))
+    return f"<h2>Optima per slice{note}</h2>" + table

@@ -28,8 +28,9 @@ COMMANDS = {
     "calibrate": "sweeper.cli.runs:calibrate_cmd",
     "collect": "sweeper.cli.tables:collect_cmd",
     "export": "sweeper.cli.tables:export_cmd",
-    "analyze": "sweeper.analysis.commands:analyze",
-    "refine": "sweeper.analysis.commands:refine",
+    "analyze": "sweeper.cli.analysis:analyze",
+    "refine": "sweeper.cli.analysis:refine",
+    "autopilot": "sweeper.cli.autopilot:autopilot_cmd",
 }
 
 
