@@ -135,9 +135,12 @@ def time_limit_min(record: RunRecord, cfg: CostConfig | None) -> int | None:
 def cost_rows(records: list[RunRecord], cfg: CostConfig | None) -> list[dict[str, Any]]:
     """One row per (model, B): runs, steps, tokens, FLOPs, wall and GPU hours; then a total."""
     groups: dict[tuple[str, int], list[RunRecord]] = {}
+    order: dict[str, int] = {}
     for r in records:
+        order.setdefault(r.model, len(order))
         groups.setdefault((r.model, r.batch_size), []).append(r)
-    rows = [_row(model, str(b), rs, cfg) for (model, b), rs in sorted(groups.items())]
+    keys = sorted(groups, key=lambda k: (order[k[0]], k[1]))  # models in spec order, B ascending
+    rows = [_row(model, str(b), groups[(model, b)], cfg) for model, b in keys]
     if len(rows) > 1:
         rows.append(_row("total", "", records, cfg))
     return rows

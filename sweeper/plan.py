@@ -27,9 +27,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from sweeper.cost import time_limit_min
 from sweeper.external import axis_slug
-from sweeper.records import RunKind, RunRecord, hashed_params, run_id
+from sweeper.records import Resources, RunKind, RunRecord, hashed_params, run_id
 from sweeper.spec import (
+    ModelSpec,
     SweepSpec,
     batch_value,
     branch_step,
@@ -37,6 +39,7 @@ from sweeper.spec import (
     lr_value,
     seed_value,
 )
+from sweeper.spec_protocol import schedule_tag
 from trainer.config import (
     BranchConfig,
     OptimConfig,
@@ -59,6 +62,7 @@ class GridPoint(NamedTuple):
     lr_scales: tuple[float, float, float] = DEFAULT_SCALES
     source: str = "grid"
     axes: tuple[tuple[str, Any], ...] = ()  # free-form axes of a [trainer] section, by name
+    schedule: int = 0  # index into spec.all_schedules()
 
 
 @dataclass
@@ -73,7 +77,7 @@ class Plan:
         """``plan.json``: sweep name, totals and run ids in launch order."""
         return {
             "sweep": self.name,
-            "schedule": spec.schedule.kind,
+            "schedules": [schedule_tag(s) for s in spec.all_schedules()],
             "totals": self.totals,
             "stale_after_s": spec.backend.stale_after_s,
             "runs": [r.id for r in self.runs],
@@ -108,19 +112,23 @@ def grid_points(spec: SweepSpec) -> Iterator[GridPoint]:
     g = spec.grid
     trainer = spec.section("trainer")
     axes = [tuple(sorted(a.items())) for a in trainer.axis_points()] if trainer else [()]
+    schedules = range(len(spec.all_schedules()))
     for m in spec.models:
-        for b in g.batch_size:
-            for lr in window_lrs(spec, b, g.horizons_tokens):
+        for b in spec.batches(m):
+            for lr in window_lrs(spec, m, b, g.horizons_tokens):
                 for scales in g.lr_scales:
                     for seed in g.seeds:
                         for ax in axes:
-                            yield GridPoint(m.name, lr, b, seed, scales, axes=ax)
+                            for s in schedules:
+                                yield GridPoint(m.name, lr, b, seed, scales, axes=ax, schedule=s)
 
 
-def window_lrs(spec: SweepSpec, batch: int, horizons: tuple[int, ...]) -> tuple[float, ...]:
-    """The grid's rates within ``k`` grid points of the law's optimum at ``batch`` for any of
+def window_lrs(
+    spec: SweepSpec, model: ModelSpec, batch: int, horizons: tuple[int, ...]
+) -> tuple[float, ...]:
+    """``model``'s rates within ``k`` grid points of the law's optimum at ``batch`` for any of
     ``horizons`` (the union of the per-(B, D) windows), in order."""
-    lrs = spec.grid.lr
+    lrs = spec.lrs(model)
     if spec.window is None:
         return lrs
     keep: set[int] = set()
@@ -141,8 +149,16 @@ class _Planner:
 
     def __init__(self, spec: SweepSpec) -> None:
         self.spec = spec
-        self.base = {m.name: spec.base_train(m) for m in spec.models}
-        self.base_dict = {name: cfg.to_dict() for name, cfg in self.base.items()}
+        self.models = {m.name: m for m in spec.models}
+        self.schedules = spec.all_schedules()
+        self.base = {
+            (m.name, i): spec.base_train(m, s)
+            for m in spec.models
+            for i, s in enumerate(self.schedules)
+        }
+        self.base_dict = {key: cfg.to_dict() for key, cfg in self.base.items()}
+        self._per_batch: dict[tuple[str, int], tuple[Resources, bool, int | None]] = {}
+        self.cost = spec.section("cost")
         self.horizons = spec.grid.horizons_tokens
         self.unshared_flops = 0.0
         self._slugs: dict[tuple[Any, ...], str] = {}
@@ -153,25 +169,40 @@ class _Planner:
         self._point_params: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 
     def expand(self, p: GridPoint) -> list[RunRecord]:
-        kind = self.spec.schedule.kind
+        kind = self.schedules[p.schedule].kind
         if kind == "constant":
             return [self._single(p, self.horizons, suffix="", keep_last=True)]
         if kind == "cosine":
+            model = self.models[p.model]
             return [
                 self._single(p, (d,), suffix=f"_D{tokens_tag(d)}")
                 for d in self.horizons
-                if p.source != "grid" or p.lr in window_lrs(self.spec, p.batch_size, (d,))
+                if p.source != "grid" or p.lr in window_lrs(self.spec, model, p.batch_size, (d,))
             ]
         return self._wsd(p)
+
+    def _batch(self, p: GridPoint) -> tuple[Resources, bool, int | None]:
+        """Resources, whether their time comes from the cost, and the micro-batch of (model, B)."""
+        key = (p.model, p.batch_size)
+        hit = self._per_batch.get(key)
+        if hit is None:
+            model = self.models[p.model]
+            res, from_cost = self.spec.resources_for(model, p.batch_size)
+            micro = self.spec.micro_batch(model, p.batch_size)
+            hit = self._per_batch[key] = (res, from_cost, micro)
+        return hit
 
     def _train(
         self, p: GridPoint, horizons: tuple[int, ...], **changes: Any
     ) -> tuple[TrainConfig, dict[str, Any]]:
         """The run's TrainConfig and the same config as a dict (built from the base dict, not by
         ``to_dict()``, which would dominate planning time; a test pins the two equal)."""
-        base, base_dict = self.base[p.model], self.base_dict[p.model]
+        key = (p.model, p.schedule)
+        base, base_dict = self.base[key], self.base_dict[key]
         optim, optim_dict = self._optim(p)
-        point = {"batch_size": p.batch_size, "seed": p.seed, "horizons_tokens": horizons}
+        micro = self._batch(p)[2]
+        point = {"batch_size": p.batch_size, "seed": p.seed, "horizons_tokens": horizons,
+                 "micro_batch_size": micro}  # fmt: skip
         cfg = _replace(base, optim=optim, **point, **changes)
         d = {**base_dict, **point, "horizons_tokens": list(horizons), "optim": optim_dict}
         for key, value in changes.items():
@@ -190,10 +221,10 @@ class _Planner:
                 "lr_scale_hidden": s_hidden,
                 "lr_scale_out": s_out,
             }
-            base = self.base[p.model].optim
+            base = self.base[(p.model, 0)].optim  # the optimizer is the same for every schedule
             hit = self._optims[key] = (
                 _replace(base, **rates),
-                {**self.base_dict[p.model]["optim"], **rates},
+                {**self.base_dict[(p.model, 0)]["optim"], **rates},
             )
         return hit
 
@@ -228,7 +259,8 @@ class _Planner:
         self, p: GridPoint, kind: RunKind, slug: str, cfg: TrainConfig, rid: str, parent: str | None
     ) -> RunRecord:
         spec = self.spec
-        return RunRecord(
+        resources, from_cost, _ = self._batch(p)
+        record = RunRecord(
             id=rid,
             slug=slug,
             kind=kind,
@@ -236,13 +268,20 @@ class _Planner:
             sweep=spec.name,
             model=p.model,
             train=cfg,
-            resources=spec.resources,
+            resources=resources,
             source=p.source,
             # a [simulator] sweep runs the simulated trainer unless [backend] command is set
             command=spec.backend.command
             or ((sys.executable, "-m", "trainer.sim") if spec.section("simulator") else None),
             params=self._params(p)[0],
         )
+        if from_cost:  # the time limit from the [cost] estimate x margin
+            minutes = time_limit_min(record, self.cost)
+            if minutes is not None:
+                record = dataclasses.replace(
+                    record, resources=dataclasses.replace(resources, time_min=minutes)
+                )
+        return record
 
     def _slug(self, p: GridPoint) -> str:
         key = (p.model, p.lr, p.batch_size)
@@ -254,6 +293,8 @@ class _Planner:
             s += "_ls" + "-".join(f"{v:g}" for v in p.lr_scales)
         if p.axes:
             s += axis_slug(dict(p.axes))
+        if len(self.schedules) > 1:
+            s += f"_{schedule_tag(self.schedules[p.schedule])}"
         return s
 
     def _single(
@@ -261,7 +302,7 @@ class _Planner:
     ) -> RunRecord:
         """A run read off at ``horizons``; ``keep_last`` keeps its final checkpoint, so that a
         later, longer horizon continues it instead of training from step 0."""
-        last = horizons[-1] // (p.batch_size * self.base[p.model].model.seq_len)
+        last = horizons[-1] // (p.batch_size * self.models[p.model].config.seq_len)
         changes = {"checkpoint_steps": (last,)} if keep_last else {}
         cfg, d = self._train(p, horizons, **changes)
         slug = self._slug(p) + suffix
@@ -273,7 +314,7 @@ class _Planner:
         return self._record(p, RunKind.SINGLE, slug, cfg, rid, None)
 
     def _wsd(self, p: GridPoint) -> list[RunRecord]:
-        base = self.base[p.model]
+        base = self.base[(p.model, p.schedule)]
         sched = base.schedule
         tps = p.batch_size * base.model.seq_len
         points = {d: branch_step(d // tps, sched.decay_fraction) for d in self.horizons}
@@ -349,7 +390,7 @@ def _totals(runs: list[RunRecord], unshared: float) -> dict[str, Any]:
     }
 
 
-_POINT_KEYS = {"model", "lr", "batch_size", "seed", "lr_scales", "source", "axes"}
+_POINT_KEYS = {"model", "lr", "batch_size", "seed", "lr_scales", "source", "axes", "schedule"}
 
 
 def extra_point(raw: Any, spec: SweepSpec, where: str) -> GridPoint:
@@ -376,7 +417,27 @@ def extra_point(raw: Any, spec: SweepSpec, where: str) -> GridPoint:
     source = raw.get("source", "extra")
     if not isinstance(source, str) or not source.isidentifier():
         raise SpecError(where, "source", source, "expected a short word")
-    return GridPoint(model.name, lr, b, seed, scales, source, _point_axes(raw, spec, where))
+    axes = _point_axes(raw, spec, where)
+    return GridPoint(model.name, lr, b, seed, scales, source, axes, _schedule(raw, spec, where))
+
+
+def extra_points(raw: Any, spec: SweepSpec, where: str) -> list[GridPoint]:
+    """One entry of ``extra_points.json`` as grid points: once per schedule of the spec unless
+    the entry names one (``"schedule": "wsd0.2"``)."""
+    p = extra_point(raw, spec, where)
+    if "schedule" in raw:
+        return [p]
+    return [p._replace(schedule=i) for i in range(len(spec.all_schedules()))]
+
+
+def _schedule(raw: dict[str, Any], spec: SweepSpec, where: str) -> int:
+    from sweeper.errors import SpecError
+
+    tags = [schedule_tag(s) for s in spec.all_schedules()]
+    tag = raw.get("schedule", tags[0])
+    if tag not in tags:
+        raise SpecError(where, "schedule", tag, f"not a schedule of the spec (known: {tags})")
+    return tags.index(tag)
 
 
 def _point_axes(raw: dict[str, Any], spec: SweepSpec, where: str) -> tuple[tuple[str, Any], ...]:

@@ -95,7 +95,7 @@ BAD_ARGS = [
     (["launch", "{bad}", "--max-parallel", "0"], "--max-parallel"),
     (["status", "ghost"], "sweep 'ghost'"),
     (["resume", "ghost"], "sweep 'ghost'"),
-    (["launch", "{good}", "--backend", "k8s"], "backend 'k8s'"),
+    (["launch", "{good}", "--backend", "k8s"], "--backend = 'k8s': unknown backend"),
     (["plan", "{good}", "--format", "xml"], "--format"),
     (["frobnicate"], "No such command"),
 ]
@@ -151,12 +151,15 @@ def test_results_before_or_after_the_subcommand(tmp_path: Path, capsys) -> None:
 def test_plan_formats_write_nothing(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     spec = fake_spec(tmp_path)
     code, out, _ = run_main(capsys, "--results", str(tmp_path / "r"), "plan", str(spec),
-                            "--format", "json")  # fmt: skip
+                            "--runs", "--format", "json")  # fmt: skip
     assert code == 0
     rows = json.loads(out)
     assert len(rows) == 4 and {r["batch_size"] for r in rows} == {4, 8}
-    code, out, _ = run_main(capsys, "plan", str(spec), "--format", "csv")
+    code, out, _ = run_main(capsys, "plan", str(spec), "--runs", "--format", "csv")
     assert code == 0 and out.splitlines()[0].startswith("id,kind,model,lr")
+    code, out, _ = run_main(capsys, "plan", str(spec), "--format", "json")  # cost per (model, B)
+    rows = json.loads(out)
+    assert [(r["batch_size"], r["runs"]) for r in rows] == [("4", 2), ("8", 2), ("", 4)]
     assert not (tmp_path / "r").exists()
 
 

@@ -15,6 +15,7 @@ from sweeper import (
     SweepSpec,
     calibrate,
     cost_rows,
+    host_warning,
     load_spec,
     needs_confirmation,
     plan,
@@ -22,6 +23,7 @@ from sweeper import (
 from sweeper.cli import results_dir, results_option
 from sweeper.cli.output import FORMATS, counts_line, emit, err, out
 from sweeper.cli.summary import optimum_tables, plan_rows, plan_summary
+from sweeper.spec import check_launch
 
 _PLAN_COLUMNS = ["id", "kind", "model", "lr", "batch_size", "seed", "steps", "tokens", "flops"]
 
@@ -46,7 +48,8 @@ def plan_cmd(spec: str, fmt: str, per_run: bool, limit: int) -> int:
       sweeper plan sweeps/paper-proxy.toml
       sweeper plan sweeps/demo.toml --runs --format csv > runs.csv
     """
-    s = load_spec(spec)
+    s = load_spec(spec, host_checks=False)
+    warn_host(s)
     runs = plan(s)
     if per_run:
         rows = plan_rows(runs)
@@ -104,7 +107,10 @@ def launch_cmd(
       sweeper launch sweeps/demo.toml --max-parallel 2
       sweeper launch sweeps/slurm.toml --backend slurm --dry-run
     """
-    s = load_spec(spec)
+    s = load_spec(spec, host_checks=not dry_run)
+    if dry_run:
+        warn_host(s)
+    check_launch(s, backend, max_parallel)  # options and this machine, before anything is written
     if not dry_run and not yes:
         confirm(s)
     sweep = Sweep.create(s, results_dir(ctx, results_here), write=not dry_run, backend=backend)
@@ -150,6 +156,7 @@ def resume_cmd(
       sweeper resume demo --diverged --dry-run
     """
     s = Sweep.open(sweep, results_dir(ctx, results_here))
+    check_launch(s.spec, backend, max_parallel)
     report = s.resume(
         restart=restart,
         diverged=diverged,
@@ -159,6 +166,13 @@ def resume_cmd(
         progress=not no_progress,
     )
     return _report(s, report)
+
+
+def warn_host(spec: SweepSpec) -> None:
+    """Say what this machine lacks to run a cluster spec (checked again at a real launch)."""
+    why = host_warning(spec)
+    if why:
+        err.print(f"warning: {why} (checked again when the sweep is launched)")
 
 
 def confirm(spec: SweepSpec) -> None:
