@@ -133,7 +133,7 @@ def value_list(raw: Any, key: str, file: str, value: Any) -> tuple[Any, ...]:
 
 
 def lr_axis(raw: Any, file: str, key: str = "grid.lr") -> tuple[float, ...]:
-    """``grid.lr`` (or a model's ``lr``): a list of rates, or ``{log2_from, log2_to, log2_step}``."""
+    """``grid.lr`` (or a model's ``lr``): a list of rates or ``{log2_from, log2_to, log2_step}``."""
     if raw is None:
         raise SpecError(file, key, None, "required: a list or {log2_from, log2_to, log2_step}")
     if not isinstance(raw, dict):

@@ -13,10 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import pytest
 from test_local import fake_spec
-
-import click
 
 from sweeper.cli import cli, main
 from sweeper.store import SweepStore, read_events
