@@ -214,14 +214,19 @@ class _Planner:
         key = (p.model, p.lr, p.lr_scales)
         hit = self._optims.get(key)
         if hit is None:
+            axes = self.models[p.model].axes
+            # a width family's member scales each group's rate by (width / base)^-c_group
+            f_in, f_hidden, f_out = axes.width_factors()
             s_in, s_hidden, s_out = p.lr_scales
-            rates = {
+            rates: dict[str, float] = {
                 "lr": p.lr,
-                "lr_scale_in": s_in,
-                "lr_scale_hidden": s_hidden,
-                "lr_scale_out": s_out,
+                "lr_scale_in": s_in * f_in,
+                "lr_scale_hidden": s_hidden * f_hidden,
+                "lr_scale_out": s_out * f_out,
             }
             base = self.base[(p.model, 0)].optim  # the optimizer is the same for every schedule
+            if axes.eps_factor() != 1.0:
+                rates["adam_eps"] = base.adam_eps * axes.eps_factor()
             hit = self._optims[key] = (
                 _replace(base, **rates),
                 {**self.base_dict[(p.model, 0)]["optim"], **rates},

@@ -35,10 +35,13 @@ from sweeper.spec_checks import (
 from sweeper.spec_protocol import (
     ModelAxes,
     ResourceRule,
+    WidthFamily,
+    group_scan_axis,
     micro_batch,
     parse_rules,
     parse_schedules,
     pop_model_axes,
+    pop_width_family,
     resources_for,
 )
 from sweeper.spec_settings import BackendSettings, parse_backend, parse_resources
@@ -391,7 +394,7 @@ def parse_spec(raw: dict[str, Any], file: str) -> SweepSpec:
         for k in _LR_SCALE_KEYS:
             if k in optim_raw:
                 raise SpecError(file, f"optim.{k}", optim_raw[k], "conflicts with grid.lr_scales")
-    else:
+    elif "group_scan" not in _table(raw, "grid", file):
         grid = dataclasses.replace(
             grid, lr_scales=((optim.lr_scale_in, optim.lr_scale_hidden, optim.lr_scale_out),)
         )
@@ -485,19 +488,51 @@ def _models(raw: Any, file: str) -> tuple[ModelSpec, ...]:
             )
         name = name_value(entry.pop("name", preset), f"{key}.name", file)
         axes = pop_model_axes(entry, key, file)
-        if name in seen:
-            raise SpecError(file, f"{key}.name", name, "duplicate model name")
-        seen.add(name)
-        try:
-            cfg = model_from_preset(preset, **entry)
-            cfg.validate()
-        except ConfigError as e:
-            raise SpecError(file, key, message=str(e).replace("model.", f"{key}.", 1)) from None
-        models.append(ModelSpec(name=name, preset=preset, config=cfg, axes=axes))
+        family = pop_width_family(entry, key, file)
+        for suffix, overrides, member_axes in _members(preset, entry, axes, family):
+            member = name + suffix
+            if member in seen:
+                raise SpecError(file, f"{key}.name", member, "duplicate model name")
+            seen.add(member)
+            try:
+                cfg = model_from_preset(preset, **overrides)
+                cfg.validate()
+            except ConfigError as e:
+                raise SpecError(file, key, message=str(e).replace("model.", f"{key}.", 1)) from None
+            models.append(ModelSpec(name=member, preset=preset, config=cfg, axes=member_axes))
     return tuple(models)
 
 
-_GRID_KEYS = {"lr", "batch_size", "horizons_tokens", "log2_horizons", "seeds", "lr_scales"}
+def _members(
+    preset: str, entry: dict[str, Any], axes: ModelAxes, family: WidthFamily | None
+) -> list[tuple[str, dict[str, Any], ModelAxes]]:
+    """One model, or one per width of a family (``-w<width>``; head dim fixed, heads scaled)."""
+    if family is None:
+        return [("", entry, axes)]
+    head_dim = entry.get("head_dim") or model_from_preset(preset, **entry).hdim
+    out = []
+    for w in family.widths:
+        over = {**entry, "d_model": w, "n_heads": max(1, w // head_dim), "head_dim": head_dim}
+        member = dataclasses.replace(
+            axes,
+            width=w,
+            base_width=family.base_width,
+            width_exponents=family.exponents,
+            eps_exponent=family.eps_exponent,
+        )
+        out.append((f"-w{w}", over, member))
+    return out
+
+
+_GRID_KEYS = {
+    "lr",
+    "batch_size",
+    "horizons_tokens",
+    "log2_horizons",
+    "seeds",
+    "lr_scales",
+    "group_scan",
+}
 
 
 def _grid(
@@ -528,8 +563,12 @@ def _grid(
     scales: tuple[tuple[float, float, float], ...] = (
         (optim.lr_scale_in, optim.lr_scale_hidden, optim.lr_scale_out),
     )
+    if "lr_scales" in raw and "group_scan" in raw:
+        raise SpecError(file, "grid.group_scan", raw["group_scan"], "conflicts with grid.lr_scales")
     if "lr_scales" in raw:
         scales = lr_scales_axis(raw["lr_scales"], file)
+    if "group_scan" in raw:
+        scales = group_scan_axis(raw["group_scan"], scales[0], file)
     return Grid(
         lr=lr,
         batch_size=batch,

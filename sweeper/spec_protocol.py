@@ -33,7 +33,7 @@ from typing import Any
 
 from sweeper.errors import SpecError
 from sweeper.records import Resources
-from sweeper.spec_values import batch_value, int_in, lr_axis, value_list
+from sweeper.spec_values import batch_value, int_in, lr_axis, number_in, value_list
 from trainer.config import ConfigError, ScheduleConfig, _build
 
 MODEL_AXIS_KEYS = ("lr", "batch_size", "max_micro_batch")
@@ -44,11 +44,84 @@ MAX_RULES = 256
 
 @dataclass(frozen=True, kw_only=True)
 class ModelAxes:
-    """A model's own rate and batch axes and its micro-batch limit (None: the spec's)."""
+    """A model's own rate and batch axes and its micro-batch limit (None: the spec's), and for a
+    member of a width family its width and how rates scale with it."""
 
     lr: tuple[float, ...] | None = None
     batch_size: tuple[int, ...] | None = None
     max_micro_batch: int | None = None
+    width: int | None = None
+    base_width: int | None = None
+    width_exponents: tuple[float, float, float] = (0.0, 0.0, 0.0)  # c_in, c_hidden, c_out
+    eps_exponent: float | None = None  # Adam's epsilon x (width / base)^-c (Everett et al.)
+
+    def width_factors(self) -> tuple[float, float, float]:
+        """``(width / base_width)^(-c_group)`` per group (all 1 outside a width family)."""
+        if self.width is None or self.base_width is None:
+            return (1.0, 1.0, 1.0)
+        r = self.width / self.base_width
+        c_in, c_hidden, c_out = self.width_exponents
+        return (r**-c_in, r**-c_hidden, r**-c_out)
+
+    def eps_factor(self) -> float:
+        if self.width is None or self.base_width is None or self.eps_exponent is None:
+            return 1.0
+        return float((self.width / self.base_width) ** -self.eps_exponent)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WidthFamily:
+    """``widths = [...]`` in a ``[[models]]`` entry: one model per width, head dim fixed."""
+
+    widths: tuple[int, ...]
+    base_width: int
+    exponents: tuple[float, float, float]
+    eps_exponent: float | None
+
+
+_WIDTH_KEYS = ("widths", "base_width", "width_exponents", "adam_eps_width_exponent")
+
+
+def pop_width_family(entry: dict[str, Any], key: str, file: str) -> WidthFamily | None:
+    """Take a width family's keys out of a ``[[models]]`` entry (None: a single model)."""
+    if "widths" not in entry:
+        for k in _WIDTH_KEYS:
+            if k in entry:
+                raise SpecError(file, f"{key}.{k}", entry[k], "only with widths = [...]")
+        return None
+    widths = value_list(entry.pop("widths"), f"{key}.widths", file, _width)
+    base = _width(entry.pop("base_width", widths[0]), f"{key}.base_width", file)
+    raw_c = entry.pop("width_exponents", [0.0, 0.0, 0.0])
+    if not isinstance(raw_c, list) or len(raw_c) != 3:
+        raise SpecError(file, f"{key}.width_exponents", raw_c, "must be [c_in, c_hidden, c_out]")
+    c = tuple(number_in(v, f"{key}.width_exponents", file, -4.0, 4.0) for v in raw_c)
+    eps = entry.pop("adam_eps_width_exponent", None)
+    if eps is not None:
+        eps = number_in(eps, f"{key}.adam_eps_width_exponent", file, -4.0, 4.0)
+    return WidthFamily(widths=widths, base_width=base, exponents=c, eps_exponent=eps)  # type: ignore[arg-type]
+
+
+def _width(v: Any, key: str, file: str) -> int:
+    return int_in(v, key, file, 2, 1 << 16)
+
+
+def group_scan_axis(
+    raw: Any, base: tuple[float, float, float], file: str
+) -> tuple[tuple[float, float, float], ...]:
+    """``[grid] group_scan = {log2_from, log2_to, log2_step}``: the lr-scale triples that vary one
+    layer group's rate at a time around ``base`` (the others held), which identifies each group's
+    optimum (Everett et al. 2024)."""
+    key = "grid.group_scan"
+    if not isinstance(raw, dict):
+        raise SpecError(file, key, raw, "expected {log2_from, log2_to, log2_step}")
+    factors = lr_axis(raw, file, key)  # 2^from .. 2^to, validated like a rate axis
+    out: list[tuple[float, float, float]] = [base]
+    for g in range(3):
+        for f in factors:
+            t = list(base)
+            t[g] = base[g] * f
+            out.append((t[0], t[1], t[2]))
+    return tuple(dict.fromkeys(out))
 
 
 def pop_model_axes(entry: dict[str, Any], key: str, file: str) -> ModelAxes:

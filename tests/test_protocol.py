@@ -112,3 +112,42 @@ def test_paper_main_study_plans_with_its_cost_table() -> None:
     spec = load_spec(REPO / "sweeps" / "paper-proxy.toml", host_checks=False)
     cadence = {r.batch_size: r.train.log_interval for r in plan(spec)[:1]}
     assert all(b * 4096 * steps == 2**26 for b, steps in cadence.items())  # 2^26 tokens at any B
+
+
+WIDTH = """
+name = "width"
+[[models]]
+name = "fam"
+preset = "cpu-tiny"
+widths = [32, 64, 128, 256]
+base_width = 64
+width_exponents = [0.0, 1.0, 0.5]
+adam_eps_width_exponent = 1.0
+[optim]
+name = "adamw"
+[grid]
+lr = [0.01]
+batch_size = [8]
+horizons_tokens = [8192]
+group_scan = {log2_from = -1, log2_to = 1, log2_step = 1}
+"""
+
+
+def test_width_family_scales_group_rates_and_group_scan_varies_one_group() -> None:
+    runs = plan(parse_spec_text(WIDTH, "w.toml"))
+    widths = {r.model: r.train.model for r in runs}
+    assert {m: (c.d_model, c.hdim) for m, c in widths.items()} == {
+        f"fam-w{w}": (w, 32) for w in (32, 64, 128, 256)
+    }  # head dim fixed, heads scaled
+    # 1 base + 2 factors x 3 groups = 7 scans per width
+    assert Counter(r.model for r in runs) == {f"fam-w{w}": 7 for w in (32, 64, 128, 256)}
+    base = {r.model: r for r in runs if "_ls" not in r.slug}
+    for w in (32, 64, 128, 256):
+        r = base[f"fam-w{w}"]
+        ratio = w / 64
+        assert r.lr_scales == pytest.approx((1.0, ratio**-1.0, ratio**-0.5))
+        assert r.train.optim.adam_eps == pytest.approx(1e-8 / ratio)
+    # the scan varies one group at a time, the others held at their base
+    scans = [r.lr_scales for r in runs if r.model == "fam-w64"]
+    varied = [sum(abs(s - 1.0) > 1e-12 for s in t) for t in scans]
+    assert sorted(varied) == [0, 1, 1, 1, 1, 1, 1]
