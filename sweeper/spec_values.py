@@ -72,6 +72,8 @@ def int_in(v: Any, key: str, file: str, lo: int, hi: int) -> int:
 
 def name_value(v: Any, key: str, file: str) -> str:
     """A name that becomes a directory name (the sweep's, a model's)."""
+    if v is None:
+        raise SpecError(file, key, v, f"required: {NAME_RULE}")
     if not isinstance(v, str) or not NAME.fullmatch(v):
         raise SpecError(file, key, v, NAME_RULE)
     return v

@@ -10,10 +10,12 @@ number of processes (launchers, workers on cluster nodes, ``sweeper status``) ca
 server. ``run.json`` is written once and never edited. Events are appended under an exclusive
 ``fcntl`` lock, flushed and fsync'd.
 
-Damage stays with its run: a malformed event line, a missing or corrupt ``run.json`` or a run
-directory that is a symlink makes that run's state ``error`` with the reason, never the sweep's.
-Nothing here follows a symlink out of the sweep: files a run directory receives are opened with
-``O_NOFOLLOW``.
+Damage stays with its run: a malformed event line, a missing or corrupt ``run.json``, a run
+directory that is a symlink or not a directory makes that run's state ``error`` with the reason
+(a completed run stays ``completed``, with the reason), never the sweep's. A run directory
+without ``run.json`` is still listed; entries of ``runs/`` that are not runs are reported by
+:meth:`SweepStore.strays`. Nothing here follows a symlink out of the sweep or blocks on a FIFO
+(see :mod:`sweeper.store_read`).
 """
 
 from __future__ import annotations
@@ -34,12 +36,11 @@ import orjson
 from sweeper.errors import StoreError
 from sweeper.fsutil import (  # noqa: F401 - re-exported for callers of the store
     atomic_write,
-    read_json,
+    is_regular_or_absent,
     write_json_atomic,
     write_text_atomic,
 )
 from sweeper.records import (
-    SAFE_NAME,
     RecordError,
     RunEvent,
     RunRecord,
@@ -48,16 +49,26 @@ from sweeper.records import (
     check_name,
     derive_state,
 )
+from sweeper.store_read import (  # noqa: F401 - re-exported for callers of the store
+    EVENTS,
+    MAX_EVENTS_BYTES,
+    RECORD,
+    EventLog,
+    read_event_log,
+    read_json,
+    record_problem,
+    scan_runs,
+)
 
-EVENTS = "events.jsonl"
 HEARTBEAT = "heartbeat"
-RECORD = "run.json"
 HORIZONS = "horizons.json"  # horizons added after the record was written (a sidecar, union only)
 PLAN = "plan.json"
 DEFAULT_STALE_AFTER_S = 120.0
-MAX_EVENTS_BYTES = 16 << 20  # an events file past this is damage, not history
 
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+# Finished states whose data a damaged file must not hide: they keep their state (with the damage
+# as the reason), so nothing ever selects them to run again.
+_KEEPS_DATA = frozenset({RunState.COMPLETED, RunState.STOPPED})
 
 
 @dataclass(frozen=True)
@@ -113,43 +124,6 @@ class RunStatus:
 # ------------------------------------------------------------------------------------------- events
 
 
-@dataclass(frozen=True)
-class EventLog:
-    """A run's parsed events, and the first damage found (a well-formed JSON line that is not a
-    valid event, or an unreadable file). Unparsable lines are torn writes and are skipped."""
-
-    events: list[RunEvent]
-    error: str | None = None
-
-
-def read_event_log(run_dir: str | Path) -> EventLog:
-    """All state events of a run, oldest first; never raises."""
-    path = os.path.join(run_dir, EVENTS)
-    try:
-        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
-    except FileNotFoundError:
-        return EventLog([])
-    except OSError as e:
-        return EventLog([], f"{EVENTS}: cannot read ({e.strerror})")
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return EventLog([], f"{EVENTS}: not a regular file")
-        data = f.read(MAX_EVENTS_BYTES + 1)
-    if len(data) > MAX_EVENTS_BYTES:
-        return EventLog([], f"{EVENTS}: larger than {MAX_EVENTS_BYTES} bytes")
-    events: list[RunEvent] = []
-    for n, line in enumerate(data.splitlines(), 1):
-        try:
-            raw = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue  # a torn write (a writer killed mid-line)
-        try:
-            events.append(RunEvent.from_dict(raw))
-        except RecordError as e:
-            return EventLog(events, f"{EVENTS} line {n}: {e}")
-    return EventLog(events)
-
-
 def read_events(run_dir: str | Path) -> list[RunEvent]:
     """The run's valid events (see :func:`read_event_log`)."""
     return read_event_log(run_dir).events
@@ -169,12 +143,13 @@ def append_event(run_dir: str | Path, state: str | RunState, **fields: Any) -> R
         raise StoreError(f"{run_dir}: state {state.value!r} is derived and cannot be written")
     path = os.path.join(run_dir, EVENTS)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | _NOFOLLOW, 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | _NOFOLLOW, 0o666)
     except OSError as e:
         raise StoreError(f"{path}: cannot append ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StoreError(f"{path}: not a regular file")
     with os.fdopen(fd, "r+b") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise StoreError(f"{path}: not a regular file")
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             if fields.get("attempt") is None:
@@ -252,17 +227,22 @@ class SweepStore:
         return self.runs_dir / check_run_id(run_id)
 
     def run_ids(self) -> list[str]:
-        """Ids of every run directory (with or without a record), sorted. Entries whose names are
-        not run ids (editor backups, stray files) are not runs and are ignored."""
-        try:
-            entries = list(os.scandir(self.runs_dir))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        return sorted(
-            e.name
-            for e in entries
-            if SAFE_NAME.fullmatch(e.name) and ".." not in e.name and _is_dir_entry(e)
-        )
+        """Ids of every run entry of ``runs/`` (with or without a record, damaged or not), sorted.
+        Regular files and names that are not run ids are not runs (see :meth:`strays`)."""
+        return scan_runs(self.runs_dir)[0]
+
+    def strays(self) -> list[str]:
+        """One line per entry of ``runs/`` that is not a run and is ignored (hidden ones aside)."""
+        return scan_runs(self.runs_dir)[1]
+
+    def _real_dir(self, run_id: str) -> Path:
+        """The run's directory; StoreError unless it is a directory and not a symlink."""
+        rd = self.run_dir(run_id)
+        if os.path.islink(rd):
+            raise StoreError(f"{rd}: is a symlink; run directories must be real directories")
+        if os.path.lexists(rd) and not os.path.isdir(rd):
+            raise StoreError(f"{rd}: not a directory")
+        return rd
 
     @property
     def stale_after_s(self) -> float:
@@ -277,10 +257,7 @@ class SweepStore:
     # ---- records
     def load_record(self, run_id: str) -> RunRecord:
         """The run record ``runs/<id>/run.json``; StoreError naming the file if it is bad."""
-        path = self.run_dir(run_id) / RECORD
-        rd = self.run_dir(run_id)
-        if os.path.islink(rd):
-            raise StoreError(f"{rd}: is a symlink; run directories must be real directories")
+        path = self._real_dir(run_id) / RECORD
         raw = read_json(path)
         try:
             record = RunRecord.from_dict(raw)
@@ -296,7 +273,10 @@ class SweepStore:
         Returns:
             True if the record was written.
         """
-        rd = self.run_dir(record.id)
+        try:
+            rd = self._real_dir(record.id)
+        except StoreError:
+            return False  # damaged: its status says why; never written through
         path = rd / RECORD
         if os.path.lexists(path):
             return False
@@ -310,6 +290,7 @@ class SweepStore:
         if not os.path.lexists(path):
             return ()
         with contextlib.suppress(StoreError):
+            self._real_dir(run_id)
             raw = read_json(path)
             values = raw.get("horizons_tokens") if isinstance(raw, dict) else None
             if isinstance(values, list) and all(type(v) is int and v > 0 for v in values):
@@ -327,9 +308,10 @@ class SweepStore:
         start = rec.start_step * rec.tokens_per_step
         new = {h for h in horizons if start < h <= rec.horizons_tokens[-1]}
         union = have | (new - set(rec.horizons_tokens))
-        if union == have:
-            return False
-        write_json_atomic(self.run_dir(run_id) / HORIZONS, {"horizons_tokens": sorted(union)})
+        path = self.run_dir(run_id) / HORIZONS
+        if union == have or not is_regular_or_absent(path):
+            return False  # a damaged horizons.json is left for a person to look at
+        write_json_atomic(path, {"horizons_tokens": sorted(union)})
         return True
 
     def load_plan(self) -> dict[str, Any]:
@@ -340,7 +322,7 @@ class SweepStore:
         doc = read_json(path)
         if not isinstance(doc, dict):
             raise StoreError(f"{path}: expected a JSON object")
-        runs = doc.get("runs", [])
+        runs = doc.setdefault("runs", [])
         if not isinstance(runs, list) or not all(isinstance(r, str) for r in runs):
             raise StoreError(f"{path}: runs = {str(runs)[:60]}: expected a list of run ids")
         return doc
@@ -361,8 +343,10 @@ class SweepStore:
         return order + [r for r in ids if r not in seen]
 
     def write_plan(self, plan: dict[str, Any]) -> None:
-        """Atomically write ``plan.json``."""
+        """Atomically write ``plan.json`` (StoreError if something else than a file is there)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        if not is_regular_or_absent(self.root / PLAN):
+            raise StoreError(f"{self.root / PLAN}: not a regular file; move it away to continue")
         write_json_atomic(self.root / PLAN, plan)
 
     # ---- state
@@ -413,8 +397,8 @@ class SweepStore:
         running = last is not None and last.state == RunState.RUNNING
         beat = heartbeat_mtime(rd) if running else None
         state = derive_state(events, beat, now, self.stale_after_s)
-        error = log.error or _record_problem(rd)
-        if error is not None and state != RunState.COMPLETED:
+        error = record_problem(rd) or log.error
+        if error is not None and state not in _KEEPS_DATA:
             state = RunState.ERROR
         return RunStatus(
             run_id=run_id,
@@ -423,7 +407,7 @@ class SweepStore:
             last_event=last,
             heartbeat_age_s=None if beat is None else now - max(beat, last.ts if last else 0),
             where=next((e for e in reversed(events) if e.host), None),
-            error=error if state == RunState.ERROR else None,
+            error=error,
         )
 
     def statuses(self, run_ids: list[str] | None = None) -> dict[str, RunStatus]:
@@ -468,28 +452,6 @@ def _locked(path: Path, timeout_s: float | None) -> Iterator[bool]:
                 fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
-
-
-def _is_dir_entry(entry: os.DirEntry[str]) -> bool:
-    """A run directory, or a symlink (listed so that its status can say it is refused)."""
-    with contextlib.suppress(OSError):
-        return entry.is_dir(follow_symlinks=False) or entry.is_symlink()
-    return False
-
-
-def _record_problem(rd: Path) -> str | None:
-    """Why a run directory cannot be trusted (cheap checks only), or None."""
-    if os.path.islink(rd):
-        return "run directory is a symlink; refused"
-    try:
-        st = os.stat(rd / RECORD, follow_symlinks=False)
-    except FileNotFoundError:
-        return f"{RECORD} is missing"
-    except OSError as e:
-        return f"{RECORD}: {e.strerror}"
-    if not stat.S_ISREG(st.st_mode):
-        return f"{RECORD} is not a regular file"
-    return None
 
 
 def try_flock(fd: int, timeout_s: float | None) -> bool:

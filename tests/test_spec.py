@@ -62,14 +62,16 @@ log_every = 2
 threads = 1
 [backend]
 name = "local"
-max_parallel = 2
 command = ["python", "-m", "trainer"]
+[backend.local]
+max_parallel = 2
+[backend.slurm]
+sbatch_extra = ["gres=gpu:1", "exclusive"]
 [resources]
 nodes = 1
 procs_per_node = 2
 mem_gb = 4
-sbatch_extra = {gres = "gpu:1"}
-ray_num_gpus = 0.5
+time_min = 30
 """
     # seeds and lr_scales follow [grid]'s keys in BASE, so they belong to [grid]
     s = parse_spec_text(text, "t.toml")
@@ -83,7 +85,8 @@ ray_num_gpus = 0.5
     assert s.window is not None and s.window.k == 2
     assert s.train == {"log_every": 2, "threads": 1}
     assert s.backend.command == ("python", "-m", "trainer")
-    assert s.resources.world_size == 2 and s.resources.ray_num_gpus == 0.5
+    assert s.backend.config("local").max_parallel == 2
+    assert s.resources.world_size == 2 and s.resources.time_min == 30
     assert s.resources.mem_gb == 4.0 and isinstance(s.resources.mem_gb, float)
 
 
@@ -107,11 +110,11 @@ MALFORMED = [
         "unknown key",
     ),
     ("duplicate model", '[[models]]\npreset = "test-micro"', "models[1].name", "duplicate"),
-    ("lr <= 0", None, "grid.lr", "> 0"),
+    ("lr <= 0", None, "grid.lr", "learning rate in 2^-40..2^10"),
     ("lr wrong type", None, "grid.lr", "expected a number"),
     ("empty batch axis", None, "grid.batch_size", "non-empty"),
     ("float batch", None, "grid.batch_size", "integer"),
-    ("horizon not divisible", None, "grid.horizons_tokens", "multiple of batch_size*seq_len"),
+    ("horizon not divisible", None, "grid.batch_size = 4", "multiple of batch_size*seq_len"),
     ("both horizon keys", None, "grid.log2_horizons", "not both"),
     ("log2 step <= 0", None, "grid.lr.log2_step", "> 0"),
     ("unknown grid key", None, "grid.lrs", "unknown key"),
@@ -126,12 +129,15 @@ MALFORMED = [
     ("train wrong type", '[train]\nlog_every = "often"', "train.log_every", "integer"),
     ("unknown backend", '[backend]\nname = "k8s"', "backend.name", "unknown backend"),
     ("bad command", '[backend]\ncommand = "python"', "backend.command", "list of strings"),
-    ("max_parallel 0", "[backend]\nmax_parallel = 0", "backend.max_parallel", ">= 1"),
+    ("max_parallel 0", "[backend.local]\nmax_parallel = 0", "backend.local.max_parallel", "in 1.."),
+    ("max_parallel in [backend]", "[backend]\nmax_parallel = 2", "backend.max_parallel", "unknown"),
+    ("resources.partition", '[resources]\npartition = "gpu"', "resources.partition", "unknown key"),
     ("unknown resource", "[resources]\ngpus = 1", "resources.gpus", "unknown key"),
     ("resource type", '[resources]\nnodes = "two"', "resources.nodes", "integer"),
     ("world size", "[resources]\nprocs_per_node = 3", None, "world size 3"),
     ("window missing c", "[window]\na = 1\nb = 1", "window.c", "required"),
-    ("window k negative", "[window]\na = 1\nb = 1\nc = 1\nk = -1", "window.k", ">= 0"),
+    ("window k negative", "[window]\na = 1\nb = 1\nc = 1\nk = -1", "window.k", "0..1000"),
+    ("window a nan", "[window]\na = nan\nb = 1\nc = 1", "window.a = nan", "finite"),
 ]
 
 # Cases whose change is to [grid] (a TOML table cannot be re-opened, so BASE's grid is replaced).
