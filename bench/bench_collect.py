@@ -1,18 +1,21 @@
-"""Benchmark ``sweeper collect`` on a synthetic sweep of many run directories.
+"""Benchmark ``sweeper collect`` on a synthetic sweep of many run directories, side by side with
+the collect of another git revision.
 
-Generates ``--runs`` run directories in the documented formats (run.json, config.json,
-provenance.json, events.jsonl, metrics.jsonl with 20-50 lines and a few horizons, summary.json),
-then times
+Generates ``--runs`` completed run directories in the current formats (``run.json`` from
+``RunRecord.to_dict()``, the trainer's ``config.json``, ``provenance.json``, ``events.jsonl``, a
+``metrics.jsonl`` of 20-50 lines with 3 horizons, ``summary.json`` from ``Summary.to_dict()``), then
+times, each in a fresh Python process (imports not counted):
 
-1. the JSON parsing alternatives on the metrics files (json per line, pyarrow.json per file,
-   pyarrow.json over the concatenated files, a process pool of json over 2 workers),
-2. first collects side by side, interleaved ``--reps`` times: the ``collect.py`` of git revision
-   ``--baseline`` (if given), and the current one reading in one process and in two; the tables
-   of each variant are compared with the first variant's,
-3. a first ``collect``, a second one with nothing changed, and one after touching 10 runs.
+1. with ``--parsers``: the ways of reading the metrics files into Arrow (``orjson`` plus
+   ``trainer.schema.parse_metrics_line`` per line, ``pyarrow.json`` per file, and the reader
+   collect uses);
+2. first collects, interleaved ``--reps`` times: the code of git revision ``--baseline`` (in a
+   temporary ``git worktree``, on a sweep made by that revision's own generator, since run.json
+   formats differ between the two) and the current code;
+3. for each: a collect with nothing changed and one after touching 10 runs.
 
-Usage: ``python bench/bench_collect.py [--runs 10000] [--dir DIR] [--keep] [--baseline REV]
-[--reps 3] [--skip-parsers]``
+Usage: ``python bench/bench_collect.py [--runs 10000] [--baseline REV] [--reps 3] [--parsers]
+[--dir DIR --keep]``
 """
 
 from __future__ import annotations
@@ -22,62 +25,33 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from types import ModuleType
 
-import pyarrow as pa
-import pyarrow.json as pj
-import pyarrow.parquet as pq
+import orjson
 
+from sweeper.records import RunKind, RunRecord
 from trainer.config import SCHEMA_VERSION, TrainConfig
+from trainer.schema import Status, Summary
 
+ROOT = Path(__file__).resolve().parents[1]
 HORIZONS = (2**16, 2**17, 2**18)
 
 
-def _run_files(i: int, rng: random.Random) -> dict[str, str]:
-    """The files of one synthetic completed run, as text."""
-    batch = 2 ** rng.randint(2, 4)
-    lr = 2.0 ** -rng.randint(3, 10)
-    n_lines = rng.randint(20, 50)
-    seq = 64
-    tps = batch * seq
-    total_steps = HORIZONS[-1] // tps
-    log_every = max(1, total_steps // (n_lines - 1))
-    train = {
-        "model": {"preset": "cpu-tiny"},
-        "optim": {"lr": lr},
-        "batch_size": batch,
-        "horizons_tokens": list(HORIZONS),
-        "log_every": log_every,
-        "seed": 30,
-        "data": {"kind": "synthetic"},
-    }
-    cfg = TrainConfig.from_dict(train)
-    rid = f"r{i:05d}"
-    record = {
-        "id": rid,
-        "slug": f"lr{lr:g}-b{batch}",
-        "kind": "single",
-        "parent": None,
-        "model_name": "cpu-tiny",
-        "train": train,
-        "derived": {},
-        "resources": {},
-    }
+def _metrics_lines(cfg: TrainConfig, lr: float, n_lines: int, rng: random.Random) -> list[str]:
+    """The metrics lines of one run (the same random draws as the generator before issue 8, so
+    that the two revisions' sweeps hold the same numbers)."""
+    tps, total = cfg.tokens_per_step, cfg.total_steps
+    log_every = cfg.log_every
     horizon_steps = set(cfg.horizon_steps)
-    steps = sorted(set(range(0, total_steps + 1, log_every)) | horizon_steps)
     lines = []
-    for s in steps:
-        loss = 5.5 * math.exp(-s / (total_steps + 1)) + 2.0 + rng.gauss(0, 0.02)
+    for s in sorted(set(range(0, total + 1, log_every)) | horizon_steps):
+        loss = 5.5 * math.exp(-s / (total + 1)) + 2.0 + rng.gauss(0, 0.02)
         line = {
             "step": s,
             "tokens": s * tps,
@@ -100,265 +74,258 @@ def _run_files(i: int, rng: random.Random) -> dict[str, str]:
         if s in horizon_steps:
             line["val_loss"] = loss + 0.05
         lines.append(json.dumps(line))
+    return lines
+
+
+def run_files(i: int, rng: random.Random, sweep: str) -> dict[str, bytes]:
+    """The files of one synthetic completed run."""
+    batch = 2 ** rng.randint(2, 4)
+    lr = 2.0 ** -rng.randint(3, 10)
+    n_lines = rng.randint(20, 50)
+    total_steps = HORIZONS[-1] // (batch * 64)
+    train = {
+        "model": {"preset": "cpu-tiny"},
+        "optim": {"lr": lr},
+        "batch_size": batch,
+        "horizons_tokens": list(HORIZONS),
+        "log_every": max(1, total_steps // (n_lines - 1)),
+        "seed": 30,
+        "data": {"kind": "synthetic"},
+    }
+    cfg = TrainConfig.from_dict(train)
+    rid = f"r{i:05d}"
+    record = RunRecord(
+        id=rid,
+        slug=f"lr{lr:g}-b{batch}",
+        kind=RunKind.SINGLE,
+        parent=None,
+        sweep=sweep,
+        model="cpu-tiny",
+        train=cfg,
+    )
+    lines = _metrics_lines(cfg, lr, n_lines, rng)
+    last = json.loads(lines[-1])
     t0 = 1.7e9 + i
     events = [
         {"ts": t0, "state": "submitted", "attempt": 1, "backend": "local"},
         {"ts": t0 + 1, "state": "running", "attempt": 1, "host": "node1", "pid": 100 + i},
         {"ts": t0 + 60, "state": "completed", "attempt": 1, "exit_code": 0},
     ]
-    summary = {
-        "status": "completed",
-        "step": total_steps,
-        "tokens": total_steps * tps,
-        "final_loss": loss,
-        "final_output_norm": 1.0 + total_steps * lr,
-        "wall_time_s": 59.0,
-        "diverged_step": None,
-        "reason": None,
-    }
-    prov = {
-        "git_sha": "0" * 40,
-        "git_dirty": False,
-        "python": "3.11.2",
-        "torch": "2.13.0+cpu",
-        "device": "cpu",
-        "world_size": 1,
-        "hostname": "node1",
-        "start_time": t0 + 1,
-    }
+    summary = Summary(
+        status=Status.COMPLETED,
+        step=cfg.total_steps,
+        tokens=cfg.total_steps * cfg.tokens_per_step,
+        final_loss=last["train_loss"],
+        final_output_norm=1.0 + cfg.total_steps * lr,
+        wall_time_s=59.0,
+    )
+    prov = {"git_sha": "0" * 40, "git_dirty": False, "python": "3.11.2", "torch": "2.13.0",
+            "device": "cpu", "world_size": 1, "hostname": "node1", "start_time": t0}  # fmt: skip
     return {
-        "run.json": json.dumps(record),
-        "config.json": json.dumps({**cfg.to_dict(), "schema_version": SCHEMA_VERSION}),
-        "provenance.json": json.dumps(prov),
-        "events.jsonl": "".join(json.dumps(e) + "\n" for e in events),
-        "metrics.jsonl": "\n".join(lines) + "\n",
-        "summary.json": json.dumps(summary),
+        "run.json": orjson.dumps(record.to_dict(), option=orjson.OPT_INDENT_2),
+        "config.json": orjson.dumps({**cfg.to_dict(), "schema_version": SCHEMA_VERSION}),
+        "provenance.json": orjson.dumps(prov),
+        "events.jsonl": b"".join(orjson.dumps(e) + b"\n" for e in events),
+        "metrics.jsonl": ("\n".join(lines) + "\n").encode(),
+        "summary.json": orjson.dumps(summary.to_dict()),
     }
 
 
 def make_sweep(sweep_dir: Path, n_runs: int, seed: int = 0) -> None:
-    """Write ``n_runs`` synthetic completed runs under ``sweep_dir/runs/``."""
+    """Write ``n_runs`` synthetic completed runs and a ``plan.json`` under ``sweep_dir``."""
     rng = random.Random(seed)
     (sweep_dir / "runs").mkdir(parents=True, exist_ok=True)
     ids = []
     for i in range(n_runs):
-        files = _run_files(i, rng)
+        files = run_files(i, rng, sweep_dir.name)
         run_dir = sweep_dir / "runs" / f"r{i:05d}"
         run_dir.mkdir(exist_ok=True)
-        for name, text in files.items():
-            (run_dir / name).write_text(text)
+        for name, data in files.items():
+            (run_dir / name).write_bytes(data)
         (run_dir / "heartbeat").touch()
-        ids.append(f"r{i:05d}")
+        ids.append(run_dir.name)
     (sweep_dir / "plan.json").write_text(json.dumps({"sweep": sweep_dir.name, "runs": ids}))
 
 
-# ------------------------------------------------------------------------------- parse alternatives
+# ------------------------------------------------------------------------------ timing, isolated
+
+# Runs in a fresh interpreter whose working directory is the code to time (this tree or the
+# baseline worktree): prints {"wall": s, "cpu": s, "what": str(result)} for each collect asked.
+_TIMER = """
+import json, os, resource, sys, time
+sys.path.insert(0, os.getcwd())
+import pandas  # pyarrow's numpy interop imports it; not part of a collect
+from sweeper.collect import collect_sweep
+import sweeper.collect
+assert sweeper.collect.__file__.startswith(os.getcwd()), sweeper.collect.__file__
+def cpu():  # this process and its finished children (the baseline may fork a reader)
+    use = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in use)
+sweep = sys.argv[1]
+for step in sys.argv[2:]:
+    if step == "touch":
+        runs = sorted(os.listdir(os.path.join(sweep, "runs")))[:10]
+        for r in runs:
+            os.utime(os.path.join(sweep, "runs", r, "metrics.jsonl"))
+            os.utime(os.path.join(sweep, "runs", r, "summary.json"))
+        continue
+    t, c = time.perf_counter(), cpu()
+    result = collect_sweep(sweep)
+    print(json.dumps({"step": step, "wall": time.perf_counter() - t,
+                      "cpu": cpu() - c, "what": str(result)}), flush=True)
+"""
 
 
-def _parse_json_file(path: str) -> list[dict]:
-    with open(path, "rb") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def timed_collects(code_dir: Path, sweep_dir: Path, steps: list[str]) -> list[dict[str, object]]:
+    """Run collects of ``sweep_dir`` with the code in ``code_dir`` in a fresh process."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [sys.executable, "-c", _TIMER, str(sweep_dir), *steps],
+        cwd=code_dir,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-def _parse_json_many(paths: list[str]) -> int:
-    return sum(len(_parse_json_file(p)) for p in paths)
-
-
-def parse_json(paths: list[str]) -> int:
-    """json.loads per line, one process."""
-    return _parse_json_many(paths)
-
-
-def parse_arrow_per_file(paths: list[str]) -> int:
-    """pyarrow.json.read_json once per file."""
-    return sum(pj.read_json(p).num_rows for p in paths)
-
-
-def parse_arrow_concat(paths: list[str]) -> int:
-    """Read every file's bytes, then one pyarrow.json.read_json over the concatenation."""
-    chunks = []
-    for p in paths:
-        with open(p, "rb") as f:
-            chunks.append(f.read())
-    return pj.read_json(pa.BufferReader(b"".join(chunks))).num_rows
-
-
-def parse_collect(paths: list[str]) -> int:
-    """What collect does: the concatenation with an explicit schema, per-file fallback on errors."""
-    from sweeper.collect import parse_metrics
-
-    chunks = []
-    for p in paths:
-        with open(p, "rb") as f:
-            chunks.append(f.read())
-    return parse_metrics(chunks)[0].num_rows
-
-
-def parse_pool(paths: list[str]) -> int:
-    """json.loads per line in a pool of 2 processes."""
-    half = len(paths) // 2
-    with ProcessPoolExecutor(2) as pool:
-        return sum(pool.map(_parse_json_many, [paths[:half], paths[half:]]))
-
-
-def _cpu() -> float:
-    """CPU seconds of this process and its finished children (all threads)."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def _time(fn: Callable[[], object]) -> tuple[float, float, object]:
-    """Wall and CPU seconds of ``fn()``; on a shared machine the CPU time is the steadier figure."""
-    t, c = time.perf_counter(), _cpu()
-    out = fn()
-    return time.perf_counter() - t, _cpu() - c, out
-
-
-def bench_parsers(sweep_dir: Path) -> None:
-    paths = sorted(str(p) for p in (sweep_dir / "runs").glob("*/metrics.jsonl"))
-    base = None
-    print(f"parse {len(paths)} metrics.jsonl files:")
-    for fn in (parse_json, parse_arrow_per_file, parse_arrow_concat, parse_collect, parse_pool):
-        dt, cpu, n = _time(lambda fn=fn: fn(paths))
-        base = base or dt
-        print(
-            f"  {fn.__name__:22s} wall {dt:7.3f} s ({base / dt:5.2f}x vs json)  cpu {cpu:7.3f} s"
-            f"  ({n} lines)"
-        )
-
-
-def _report(label: str, dt: float, cpu: float, result: object) -> None:
-    print(f"{label:24s} wall {dt:7.3f} s  cpu {cpu:7.3f} s  ({result})")
-
-
-def _fresh(sweep_dir: Path) -> None:
+def fresh(sweep_dir: Path) -> None:
     """Remove the collect cache and the tables, so that the next collect is a first one."""
     shutil.rmtree(sweep_dir / ".collect", ignore_errors=True)
     for name in ("runs", "horizons", "metrics"):
         (sweep_dir / f"{name}.parquet").unlink(missing_ok=True)
 
 
-def load_baseline(rev: str) -> ModuleType:
-    """``sweeper/collect.py`` as of git revision ``rev``, imported as a separate module."""
-    root = Path(__file__).resolve().parents[1]
-    source = subprocess.run(
-        ["git", "show", f"{rev}:sweeper/collect.py"],
-        cwd=root,
+def add_worktree(rev: str, where: Path) -> Path:
+    """A detached ``git worktree`` of ``rev`` (removed by :func:`remove_worktree`)."""
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(where), rev],
+        cwd=ROOT,
         check=True,
         capture_output=True,
-        text=True,
-    ).stdout
-    module = ModuleType("collect_baseline")
-    module.__file__ = f"collect.py@{rev}"
-    sys.modules[module.__name__] = module  # dataclasses look their module up
-    exec(compile(source, module.__file__, "exec"), module.__dict__)
-    return module
+    )
+    return where
 
 
-def _tables(sweep_dir: Path) -> dict[str, pa.Table]:
-    return {n: pq.read_table(sweep_dir / f"{n}.parquet") for n in ("runs", "horizons", "metrics")}
+def remove_worktree(where: Path) -> None:
+    subprocess.run(
+        ["git", "worktree", "remove", "--force", str(where)], cwd=ROOT, capture_output=True
+    )
 
 
-def _same_tables(a: dict[str, pa.Table], b: dict[str, pa.Table]) -> bool:
-    """Equal contents, row order included (metadata aside; dictionaries compared as values)."""
-    for name in a:
-        x, y = a[name].replace_schema_metadata(None), b[name].replace_schema_metadata(None)
-        if name == "metrics":
-            x, y = (
-                t.cast(
-                    pa.schema(
-                        [
-                            f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f
-                            for f in t.schema
-                        ]
-                    )
-                )
-                for t in (x, y)
-            )
-        if not x.equals(y):
-            return False
-    return True
+def make_baseline_sweep(worktree: Path, sweep_dir: Path, n_runs: int) -> None:
+    """The baseline's own fixture, made by the baseline revision's generator."""
+    code = (
+        "import sys; sys.path.insert(0, '.'); sys.path.insert(0, 'bench');"
+        "from pathlib import Path; from bench_collect import make_sweep;"
+        "make_sweep(Path(sys.argv[1]), int(sys.argv[2]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run(
+        [sys.executable, "-c", code, str(sweep_dir), str(n_runs)], cwd=worktree, env=env, check=True
+    )
 
 
-def bench_first(sweep_dir: Path, baseline: str | None, reps: int) -> None:
-    """First collects side by side, interleaved: the baseline revision and the current code with
-    the reading in one process and in two."""
-    from sweeper import collect
+# ----------------------------------------------------------------------------------------- parsers
 
-    variants: dict[str, Callable[[], object]] = {}
-    if baseline:
-        old = load_baseline(baseline)
-        variants[f"baseline {baseline}"] = lambda: old.collect_sweep(sweep_dir)
-    variants["one process"] = lambda: collect.collect_sweep(sweep_dir, parallel=False)
-    variants["two processes"] = lambda: collect.collect_sweep(sweep_dir, parallel=True)
-    times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
-    results: dict[str, dict[str, pa.Table]] = {}
+_PARSERS = """
+import glob, sys, time
+import orjson, pyarrow as pa, pyarrow.json as pj
+from trainer.schema import parse_metrics_line
+from sweeper.collect.metrics import read_metrics
+paths = sorted(glob.glob(sys.argv[1] + "/runs/*/metrics.jsonl"))
+blobs = [open(p, "rb").read() for p in paths]
+
+def orjson_lines():
+    n = 0
+    for b in blobs:
+        rows = [parse_metrics_line(orjson.loads(x)) for x in b.splitlines() if x.strip()]
+        n += len(pa.Table.from_pylist(rows))
+    return n
+
+def arrow_per_file():
+    return sum(pj.read_json(pa.BufferReader(b)).num_rows for b in blobs)
+
+def collect_reader():
+    return read_metrics(blobs).table.num_rows
+
+for fn in (orjson_lines, arrow_per_file, collect_reader):
+    t, c = time.perf_counter(), time.process_time()
+    n = fn()
+    print(f"  {fn.__name__:16s} wall {time.perf_counter() - t:6.2f} s  "
+          f"cpu {time.process_time() - c:6.2f} s  ({n} rows)", flush=True)
+"""
+
+
+def bench_parsers(sweep_dir: Path) -> None:
+    print(f"metrics.jsonl -> Arrow, {len(list((sweep_dir / 'runs').iterdir()))} files:")
+    subprocess.run([sys.executable, "-c", _PARSERS, str(sweep_dir)], cwd=ROOT, check=True)
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def _median(rows: list[dict[str, object]], key: str) -> float:
+    return statistics.median(float(r[key]) for r in rows)  # type: ignore[arg-type]
+
+
+def bench_first(variants: dict[str, tuple[Path, Path]], reps: int) -> dict[str, list[dict]]:
+    """First collects, interleaved; then a collect with nothing changed and one after touching
+    10 runs, per variant."""
+    firsts: dict[str, list[dict]] = {k: [] for k in variants}
     for rep in range(reps):
-        for label, fn in variants.items():
-            _fresh(sweep_dir)
-            dt, cpu, result = _time(fn)
-            times[label].append((dt, cpu))
-            print(
-                f"  rep {rep + 1} {label:22s} wall {dt:7.3f} s  cpu {cpu:7.3f} s  load "
-                f"{os.getloadavg()[0]:.1f}"
-            )
-            if rep == 0:
-                results[label] = _tables(sweep_dir)
-    ref = next(iter(results.values()))
-    first_wall = statistics.median(w for w, _ in next(iter(times.values())))
-    print(f"first collect, median of {reps}:")
-    for label, runs in times.items():
-        wall = statistics.median(w for w, _ in runs)
-        cpu = statistics.median(c for _, c in runs)
-        same = "same tables" if _same_tables(ref, results[label]) else "TABLES DIFFER"
-        print(
-            f"  {label:22s} wall {wall:7.3f} s ({first_wall / wall:4.2f}x)  cpu {cpu:7.3f} s"
-            f"  {same}"
-        )
-
-
-def bench_collect(sweep_dir: Path) -> None:
-    from sweeper.collect import collect_sweep
-
-    _fresh(sweep_dir)
-    _report("first collect:", *_time(lambda: collect_sweep(sweep_dir)))
-    _report("second, nothing changed:", *_time(lambda: collect_sweep(sweep_dir)))
-    for p in sorted((sweep_dir / "runs").iterdir())[:10]:
-        os.utime(p / "metrics.jsonl")
-        os.utime(p / "summary.json", ns=(time.time_ns(), time.time_ns() + 1))
-    _report("after touching 10 runs:", *_time(lambda: collect_sweep(sweep_dir)))
-    print(f"load average after: {os.getloadavg()[0]:.1f}")
+        for label, (code, sweep) in variants.items():
+            fresh(sweep)
+            steps = ["first"] if rep < reps - 1 else ["first", "unchanged", "touch", "touched"]
+            got = timed_collects(code, sweep, steps)
+            firsts[label].append(got[0])
+            load = os.getloadavg()[0]
+            print(f"  rep {rep + 1} {label:24s} first {got[0]['wall']:6.2f} s  load {load:.1f}")
+            for later in got[1:]:
+                wall, cpu = later["wall"], later["cpu"]
+                print(f"      {later['step']:9s} wall {wall:6.3f} s  cpu {cpu:.3f} s")
+            print(f"      {got[-1]['what']}")
+    return firsts
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--runs", type=int, default=10_000)
-    ap.add_argument("--dir", type=Path, default=None, help="sweep dir (default: a temp dir)")
-    ap.add_argument("--keep", action="store_true", help="keep the generated sweep")
-    ap.add_argument("--skip-parsers", action="store_true")
-    ap.add_argument(
-        "--baseline", default=None, help="git revision whose collect.py to time side by side"
-    )
-    ap.add_argument("--reps", type=int, default=3, help="repetitions of the first collects")
+    ap.add_argument("--baseline", default=None, help="git revision to time side by side")
+    ap.add_argument("--reps", type=int, default=3, help="first collects per variant")
+    ap.add_argument("--parsers", action="store_true", help="also time the metrics readers")
+    ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated sweeps")
     args = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="bench-collect-"))
-    sweep_dir = args.dir or root / "bench"
+    root = args.dir or Path(tempfile.mkdtemp(prefix="bench-collect-"))
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    t0 = time.perf_counter()
-    import pandas  # noqa: F401 - pyarrow's numpy interop imports it; time it apart from collect
-
-    print(f"import pandas (once per process): {time.perf_counter() - t0:.2f} s")
+    worktree = None
     try:
-        if not (sweep_dir / "runs").is_dir():
-            dt, _, _ = _time(lambda: make_sweep(sweep_dir, args.runs))
-            print(f"generated {args.runs} runs in {dt:.1f} s")
-        if not args.skip_parsers:
-            bench_parsers(sweep_dir)
-        bench_first(sweep_dir, args.baseline, args.reps)
-        bench_collect(sweep_dir)
+        current = root / "current" / "bench"
+        if not (current / "runs").is_dir():
+            t0 = time.perf_counter()
+            make_sweep(current, args.runs)
+            print(f"generated {args.runs} runs in {time.perf_counter() - t0:.1f} s")
+        variants = {"current": (ROOT, current)}
+        if args.baseline:
+            worktree = add_worktree(args.baseline, root / f"worktree-{os.getpid()}")
+            old = root / "baseline" / "bench"
+            if not (old / "runs").is_dir():
+                make_baseline_sweep(worktree, old, args.runs)
+            variants = {f"baseline {args.baseline}": (worktree, old), **variants}
+        if args.parsers:
+            bench_parsers(current)
+        firsts = bench_first(variants, args.reps)
+        ref = _median(next(iter(firsts.values())), "wall")
+        print(f"first collect, median of {args.reps}:")
+        for label, rows in firsts.items():
+            wall, cpu = _median(rows, "wall"), _median(rows, "cpu")
+            print(f"  {label:24s} wall {wall:6.2f} s ({wall / ref:4.2f}x)  cpu {cpu:6.2f} s")
     finally:
-        if not args.keep:
+        if worktree is not None:
+            remove_worktree(worktree)
+        if not args.keep and args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
 
 

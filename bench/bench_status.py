@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sweeper.launch import write_plan
+from sweeper.fsutil import write_text_atomic
 from sweeper.plan import plan_sweep
 from sweeper.spec import parse_spec_text
 from sweeper.store import SweepStore
@@ -42,8 +42,11 @@ def build(root: Path, runs: int) -> SweepStore:
     plan = plan_sweep(spec)
     plan.runs = plan.runs[:runs]
     store = SweepStore(root / "bench")
-    with store.lock():
-        write_plan(store, spec, plan)
+    with store.lock():  # what Sweep.create writes, for the first ``runs`` runs of the plan only
+        write_text_atomic(store.root / "spec.toml", spec.text)
+        for record in plan.runs:
+            store.write_record(record)
+        store.write_plan(plan.to_dict(spec))
     for i, rid in enumerate(store.run_ids()):
         for state in _STORIES[i % len(_STORIES)]:
             store.append_event(rid, state, backend="local", host="node1", pid=100 + i)

@@ -20,9 +20,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sweeper.errors import SweepError
-from sweeper.store import atomic_write
+from sweeper.fsutil import atomic_write
+from trainer.schema import FLOAT_METRICS
 
-SCHEMA_VERSION = 1
+# 2: runs gained source, lr_scales, steps/start_step/trained_tokens/flops, reason, problem, notes
+# (error, total_steps, branch_step and started_at went); horizons carry every float metric of
+# trainer.schema.METRICS at the horizon step and only rows of runs without a problem.
+SCHEMA_VERSION = 2
 META_TABLE = b"sweeper.table"
 META_VERSION = b"sweeper.schema_version"
 META_GENERATION = b"sweeper.collect_generation"
@@ -39,11 +43,13 @@ def _f(name: str, type_: pa.DataType, nullable: bool = True) -> pa.Field:
 
 
 # Columns shared by runs and horizons: what the run is (so that the analysis needs no join).
+# lr_in/lr_hidden/lr_out are the planned per-group rates (lr times the group's scale).
 _RUN_KEY = [
     _f("run_id", _str, False),
     _f("sweep", _str),
     _f("kind", _str),
     _f("parent", _str),
+    _f("source", _str),
     _f("model", _str),
     _f("n_params", _i64),
     _f("optimizer", _str),
@@ -57,11 +63,13 @@ _RUN_KEY = [
     _f("seed", _i64),
     _f("schedule", _str),
 ]
+_RUN_KEY_NAMES = {f.name for f in _RUN_KEY}
 
 RUNS_SCHEMA = pa.schema(
     _RUN_KEY
     + [
         _f("slug", _str),
+        _f("lr_scales", pa.list_(_f64)),
         _f("n_params_non_embedding", _i64),
         _f("d_model", _i64),
         _f("n_layers", _i64),
@@ -72,10 +80,15 @@ RUNS_SCHEMA = pa.schema(
         _f("warmup_steps", _i64),
         _f("tokens_per_step", _i64),
         _f("horizons_tokens", pa.list_(_i64)),
-        _f("total_steps", _i64),
+        _f("steps", _i64),
+        _f("start_step", _i64),
         _f("max_tokens", _i64),
-        _f("branch_step", _i64),
+        _f("trained_tokens", _i64),
+        _f("flops", _f64),
         _f("state", _str, False),
+        _f("reason", _str),
+        _f("problem", _str),
+        _f("notes", _str),
         _f("attempts", _i64),
         _f("steps_done", _i64),
         _f("tokens_done", _i64),
@@ -86,7 +99,6 @@ RUNS_SCHEMA = pa.schema(
         _f("summary_status", _str),
         _f("wall_time_s", _f64),
         _f("exit_code", _i64),
-        _f("error", _str),
         _f("stderr_tail", _str),
         _f("git_sha", _str),
         _f("git_dirty", _bool),
@@ -98,10 +110,13 @@ RUNS_SCHEMA = pa.schema(
         _f("host", _str),
         _f("backend", _str),
         _f("job_id", _str),
-        _f("started_at", _f64),
         _f("updated_at", _f64),
     ]
 )
+
+# The metrics read at a horizon step: every float metric of the trainer's contract except the
+# scheduled rates (their planned values are in the run key).
+HORIZON_METRICS = tuple(k for k in FLOAT_METRICS if k not in _RUN_KEY_NAMES)
 
 HORIZONS_SCHEMA = pa.schema(
     _RUN_KEY
@@ -109,19 +124,14 @@ HORIZONS_SCHEMA = pa.schema(
         _f("tokens", _i64, False),
         _f("step", _i64, False),
         _f("is_final", _bool),
-        _f("train_loss", _f64),
         _f("train_loss_smoothed", _f64),
         _f("train_loss_std", _f64),
         _f("smoothing_points", _i64),
         _f("window_complete", _bool),
-        _f("val_loss", _f64),
-        _f("output_norm", _f64),
         _f("output_norm_smoothed", _f64),
-        _f("output_norm_rms", _f64),
-        _f("input_norm", _f64),
-        _f("hidden_norm", _f64),
-        _f("state", _str),
     ]
+    + [_f(name, _f64) for name in HORIZON_METRICS]
+    + [_f("state", _str)]
 )
 
 METRICS_SCHEMA = pa.schema(
@@ -195,7 +205,8 @@ def _metadata(name: str, generation: str | None) -> dict[bytes, bytes]:
     return meta
 
 
-# Readers see the old or the new file, never a partial one (temp file, fsync, rename).
+# Readers see the old or the new file, never a partial one (temp file, fsync, rename); kept under
+# this name for the callers of the export and the collect.
 atomic_write_bytes = atomic_write
 
 

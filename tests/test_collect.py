@@ -1,4 +1,5 @@
-"""``sweeper collect``: real run directories, broken files, incrementality, concurrency."""
+"""``sweeper collect``: real run directories, broken files, cross-checks, incrementality,
+concurrency."""
 
 from __future__ import annotations
 
@@ -16,16 +17,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sweeper import collect, store, tables
-from sweeper.collect import (
-    CACHE_DIR,
-    CollectError,
-    collect_sweep,
-    parse_events,
-    parse_metrics,
-    scan_signatures,
-)
+from sweeper import tables
+from sweeper.collect import CACHE_DIR, CollectError, collect_sweep
+from sweeper.collect import core as collect_core
+from sweeper.collect.metrics import read_metrics
+from sweeper.fsutil import write_json_atomic
+from sweeper.records import RunKind, RunRecord
+from sweeper.store import SweepStore
 from trainer.config import SCHEMA_VERSION, TrainConfig
+from trainer.schema import FLOAT_METRICS, Status, Summary, metrics_line
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,30 +41,46 @@ TRAIN: dict[str, Any] = {
 }
 
 
-def metric_line(step: int, loss: float, horizon: bool = False, **extra: Any) -> dict[str, Any]:
-    line = {
-        "step": step,
-        "tokens": step * 64,
-        "train_loss": loss,
-        "lr_in": 0.01,
-        "lr_hidden": 0.00125,
-        "lr_out": 0.01,
-        "output_norm": 1.0 + step / 10,
-        "output_norm_rms": 0.5,
-        "input_norm": 1.0,
-        "hidden_norm": 2.0,
-        "grad_norm": 0.1,
-        "horizon": horizon,
-    }
-    if horizon:
-        line["val_loss"] = loss + 0.5
-    line.update(extra)
-    return line
+def metric_line(step: int, loss: float | None, horizon: bool = False) -> dict[str, Any]:
+    """A metrics line as the trainer writes it (``trainer.schema.metrics_line``)."""
+    values: dict[str, Any] = dict(
+        step=step,
+        tokens=step * 64,
+        train_loss=loss,
+        lr_in=0.01,
+        lr_hidden=0.00125,
+        lr_out=0.01,
+        output_norm=1.0 + step / 10,
+        output_norm_rms=0.5,
+        input_norm=1.0,
+        hidden_norm=2.0,
+        grad_norm=0.1,
+        horizon=horizon,
+    )
+    if horizon and loss is not None:
+        values["val_loss"] = loss + 0.5
+    return metrics_line(**values)
 
 
 def default_lines() -> list[dict[str, Any]]:
     """Steps 0, 5, ..., 20 with loss 5 - step/10; horizons at 10 and 20."""
     return [metric_line(s, 5.0 - s / 10, horizon=s in (10, 20)) for s in range(0, 21, 5)]
+
+
+def make_record(rid: str, train: dict[str, Any] | None = None, sweep: str = "sw") -> RunRecord:
+    return RunRecord(
+        id=rid,
+        slug=rid,
+        kind=RunKind.SINGLE,
+        parent=None,
+        sweep=sweep,
+        model="test-micro",
+        train=TrainConfig.from_dict(train or TRAIN),
+    )
+
+
+def write_lines(rd: Path, lines: list[dict[str, Any]]) -> None:
+    (rd / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
 
 
 def write_run(
@@ -79,69 +95,61 @@ def write_run(
     config: bool = True,
     **event_fields: Any,
 ) -> Path:
-    """A run directory in the documented formats (events appended with the store's own writer)."""
-    rd = sweep / "runs" / rid
+    """A run directory in the real formats: the record through the store, the trainer's files
+    through ``trainer.schema``, events through the store's own writer."""
+    store = SweepStore(sweep)
+    rec = make_record(rid, train, sweep.name)
+    rd = store.run_dir(rid)
     rd.mkdir(parents=True, exist_ok=True)
-    train = train or TRAIN
-    cfg = TrainConfig.from_dict(train)
     if record:
-        doc = {
-            "id": rid,
-            "slug": rid,
-            "kind": "single",
-            "parent": None,
-            "sweep": sweep.name,
-            "model_name": "test-micro",
-            "train": train,
-            "derived": {},
-            "resources": {},
-        }
-        (rd / "run.json").write_text(json.dumps(doc, indent=1))
+        store.write_record(rec)
     if config:
-        (rd / "config.json").write_text(
-            json.dumps({**cfg.to_dict(), "schema_version": SCHEMA_VERSION})
+        write_json_atomic(
+            rd / "config.json", {**rec.train.to_dict(), "schema_version": SCHEMA_VERSION}
         )
-    (rd / "provenance.json").write_text(
-        json.dumps(
-            {
-                "git_sha": "abc123",
-                "git_dirty": False,
-                "python": "3.11.7",
-                "torch": "2.13.0+cpu",
-                "device": "cpu",
-                "world_size": 1,
-                "hostname": "n1",
-            }
-        )
-    )
+    prov = {"git_sha": "abc123", "git_dirty": False, "python": "3.11.7", "torch": "2.13.0+cpu",
+            "device": "cpu", "world_size": 1, "hostname": "n1"}  # fmt: skip
+    write_json_atomic(rd / "provenance.json", prov)
     for state in states:
         fields = dict(event_fields) if state == states[-1] else {}
-        store.append_event(rd, state, backend="local", **fields)
+        store.append_event(rid, state, backend="local", **fields)
     lines = default_lines() if lines is None else lines
-    (rd / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    write_lines(rd, lines)
     if summary and states and states[-1] in ("completed", "diverged"):
-        last = lines[-1]
-        (rd / "summary.json").write_text(
-            json.dumps(
-                {
-                    "status": states[-1],
-                    "step": last["step"],
-                    "tokens": last["tokens"],
-                    "final_loss": last["train_loss"],
-                    "final_output_norm": last["output_norm"],
-                    "wall_time_s": 1.5,
-                    "diverged_step": None,
-                    "reason": None,
-                }
-            )
-        )
+        last = max(lines, key=lambda x: x["step"])  # the run's end, as its summary tells it
+        doc = Summary(
+            status=Status(states[-1]),
+            step=last["step"],
+            tokens=last["tokens"],
+            final_loss=last["train_loss"],
+            final_output_norm=last["output_norm"],
+            wall_time_s=1.5,
+        ).to_dict()
+        write_json_atomic(rd / "summary.json", doc)
     return rd
 
 
-def make_sweep(tmp_path: Path, n: int = 3) -> Path:
+# The spec of the sweeps below (the Sweep API opens a directory by its spec.toml and plan.json).
+SPEC = """
+name = "sw"
+[[models]]
+preset = "test-micro"
+[data]
+kind = "synthetic"
+[grid]
+lr = [0.01]
+batch_size = [4]
+horizons_tokens = [640, 1280]
+[train]
+log_every = 5
+"""
+
+
+def make_sweep(tmp_path: Path, n: int = 3, **plan: Any) -> Path:
     sweep = tmp_path / "sw"
     (sweep / "runs").mkdir(parents=True)
-    (sweep / "plan.json").write_text(json.dumps({"sweep": "sw", "runs": []}))
+    (sweep / "spec.toml").write_text(SPEC)
+    write_json_atomic(sweep / "plan.json", {"sweep": "sw", "runs": [], **plan})
     for i in range(n):
         write_run(sweep, f"run{i}")
     return sweep
@@ -152,6 +160,10 @@ def runs_by_id(sweep: Path) -> dict[str, dict[str, Any]]:
     return {r["run_id"]: r for r in rows}
 
 
+def horizons_of(sweep: Path, rid: str) -> list[dict[str, Any]]:
+    return [h for h in tables.read_sweep_table(sweep, "horizons").to_pylist() if h["run_id"] == rid]
+
+
 def file_ids(sweep: Path) -> dict[str, tuple[int, int]]:
     out = {}
     for name in tables.TABLE_NAMES:
@@ -160,76 +172,81 @@ def file_ids(sweep: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-# ---------------------------------------------------------------------------------------- tests
+def edit_json(path: Path, **changes: Any) -> None:
+    doc = json.loads(path.read_text())
+    for key, value in changes.items():
+        where = doc
+        *parents, last = key.split(".")
+        for p in parents:
+            where = where[p]
+        where[last] = value
+    path.write_text(json.dumps(doc))
 
 
+# ------------------------------------------------------------------------------ a real trainer
+
+
+@pytest.mark.slow
 def test_tables_from_a_real_trainer_run(tmp_path: Path, micro_run, trainer_cli) -> None:
-    """A real (tiny) training run, collected: every documented column has the trainer's values."""
+    """A real (tiny) training run, collected: the columns carry the trainer's values, and the
+    trainer's own config.json passes the cross-check."""
     sweep = tmp_path / "sw"
+    store = SweepStore(sweep)
     rid = "micro-1"
-    rd = sweep / "runs" / rid
-    rd.mkdir(parents=True)
     cfg = micro_run(optim={"lr": 2**-6}, seed=7)
-    record = {
-        "id": rid,
-        "slug": rid,
-        "kind": "single",
-        "parent": None,
-        "sweep": "sw",
-        "model_name": "test-micro",
-        "train": cfg,
-        "derived": {},
-        "resources": {},
-    }
-    (rd / "run.json").write_text(json.dumps(record))
-    store.append_event(rd, "running", host="h1", pid=1)
-    proc = trainer_cli.run(record, rd)
+    record = make_record(rid, cfg)
+    store.write_record(record)
+    rd = store.run_dir(rid)
+    store.append_event(rid, "running", host="h1", pid=1)
+    proc = trainer_cli.run(record.to_dict(), rd)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    store.append_event(rd, "completed", exit_code=0)
+    store.append_event(rid, "completed", exit_code=0)
 
     result = collect_sweep(sweep)
-    assert result.n_runs == 1 and result.errors == {} and result.written
+    assert result.n_runs == 1 and result.problems == {} and result.written
 
     row = runs_by_id(sweep)[rid]
     summary = json.loads((rd / "summary.json").read_text())
-    resolved = TrainConfig.from_dict(cfg)
+    assert row["problem"] is None and row["notes"] is None and row["reason"] is None
     assert row["state"] == "completed" and row["attempts"] == 1 and row["host"] == "h1"
-    assert row["n_params"] == resolved.model.n_params() and row["seed"] == 7
+    assert row["n_params"] == record.train.model.n_params() and row["seed"] == 7
     assert row["lr"] == 2**-6 and row["batch_size"] == 4 and row["seq_len"] == 16
-    assert row["total_steps"] == 20 and row["steps_done"] == 20 and row["tokens_done"] == 1280
+    assert row["lr_scales"] == [1.0, 1.0, 1.0] and row["source"] == "grid"
+    assert row["steps"] == 20 and row["steps_done"] == 20 and row["tokens_done"] == 1280
+    assert row["flops"] == record.flops and row["trained_tokens"] == 1280
     assert row["final_loss"] == summary["final_loss"] and row["horizons_reached"] == 2
-    assert row["torch_version"].startswith("2.13.0") and row["world_size"] == 1
+    assert row["torch_version"] and row["world_size"] == 1
 
     lines = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
     by_step = {x["step"]: x for x in lines}
-    hz = tables.read_sweep_table(sweep, "horizons").to_pylist()
+    hz = horizons_of(sweep, rid)
     assert [(h["tokens"], h["step"], h["is_final"]) for h in hz] == [
         (640, 10, False),
         (1280, 20, True),
     ]
     h10 = hz[0]
-    assert h10["train_loss"] == by_step[10]["train_loss"]
-    assert h10["val_loss"] == by_step[10]["val_loss"]
-    assert h10["output_norm"] == by_step[10]["output_norm"]
-    window = [by_step[s]["train_loss"] for s in (5, 10, 15)]  # +-1 log interval (5 steps)
+    for key in ("train_loss", "val_loss", "output_norm", "grad_norm"):
+        assert h10[key] == by_step[10][key], key
+    steps = sorted(by_step)
+    i = steps.index(10)
+    window = [by_step[s]["train_loss"] for s in steps[i - 1 : i + 2]]  # +-1 logged point
     assert h10["train_loss_smoothed"] == pytest.approx(np.mean(window))
     assert h10["train_loss_std"] == pytest.approx(np.std(window))
     assert h10["smoothing_points"] == 3 and h10["window_complete"]
     assert hz[1]["smoothing_points"] == 2 and not hz[1]["window_complete"]  # nothing after the end
 
     metrics = tables.read_sweep_table(sweep, "metrics").to_pandas()
-    expected = sum(
-        1
-        for x in lines
-        for k, v in x.items()
-        if k not in ("step", "tokens", "horizon") and isinstance(v, float)
-    )
+    expected = sum(1 for x in lines for k in FLOAT_METRICS if x.get(k) is not None)
     assert len(metrics) == expected
     got = metrics[(metrics.step == 10) & (metrics.metric == "train_loss")].value.item()
     assert got == by_step[10]["train_loss"]
 
 
-def test_broken_runs_get_rows_that_say_why(tmp_path: Path) -> None:
+# ------------------------------------------------------------------------------ broken runs
+
+
+def test_broken_runs_get_rows_that_say_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(collect_core, "GROUP", 3)  # several groups, bad runs among good ones
     sweep = make_sweep(tmp_path, n=1)  # run0 is fine
     # truncated events: a writer killed mid-append leaves a torn last line
     rd = write_run(sweep, "torn-events", states=("submitted", "running"))
@@ -242,53 +259,75 @@ def test_broken_runs_get_rows_that_say_why(tmp_path: Path) -> None:
     (rd / "metrics.jsonl").write_text("\n".join(text) + '\n{"step": 25, "tokens": 1600, "train_l')
     write_run(sweep, "no-record", record=False)
     (sweep / "runs" / "empty").mkdir()
-    bad_cfg = {**TRAIN, "optim": {"lr": -1.0}}
     rd = write_run(sweep, "bad-config", config=False)
-    doc = json.loads((rd / "run.json").read_text())
-    (rd / "run.json").write_text(json.dumps({**doc, "train": bad_cfg}))
+    edit_json(rd / "run.json", **{"train.optim.lr": -1.0})
     (sweep / "runs" / "bad-json").mkdir()
     (sweep / "runs" / "bad-json" / "run.json").write_text("{not json")
+    rd = write_run(sweep, "metrics-dir")
+    (rd / "metrics.jsonl").unlink()
+    (rd / "metrics.jsonl").mkdir()
 
     result = collect_sweep(sweep)
     rows = runs_by_id(sweep)
-    assert rows["bad-config"]["error"].startswith(
-        "runs/bad-config/run.json: train: optim.lr = -1.0: must be"
-    )
+    assert set(rows) == {"run0", "torn-events", "no-summary", "bad-line", "no-record", "empty",
+                         "bad-config", "bad-json", "metrics-dir"}  # fmt: skip
+    assert rows["run0"]["problem"] is None and rows["run0"]["notes"] is None
+    assert rows["bad-config"]["problem"].startswith("run.json: train: optim.lr = -1.0: must be")
     assert rows["bad-config"]["state"] == "completed" and rows["bad-config"]["lr"] is None
-    assert set(rows) - {"bad-config"} == {
-        "run0",
-        "torn-events",
-        "no-summary",
-        "bad-line",
-        "no-record",
-        "empty",
-        "bad-json",
-    }
-    assert rows["run0"]["error"] is None
-    assert rows["torn-events"]["state"] == "running" and rows["torn-events"]["error"] is None
-    assert rows["no-summary"]["error"] == "runs/no-summary/summary.json: missing (state completed)"
+    assert rows["torn-events"]["state"] == "running" and rows["torn-events"]["problem"] is None
+    assert rows["no-summary"]["problem"] == "summary.json: missing (state completed)"
     assert rows["no-summary"]["steps_done"] == 20  # from the last metrics line
-    err = rows["bad-line"]["error"]
-    assert "runs/bad-line/metrics.jsonl" in err and "line 3" in err and "torn last line" in err
-    assert rows["no-record"]["error"] == "runs/no-record/run.json: missing"
-    assert rows["no-record"]["n_params"] is not None  # config.json still read
-    assert rows["empty"]["state"] == "planned" and "run.json: missing" in rows["empty"]["error"]
-    assert rows["bad-json"]["error"].startswith("runs/bad-json/run.json: corrupt JSON")
-    assert set(result.errors) == {
-        "bad-config",
-        "no-summary",
-        "bad-line",
-        "no-record",
-        "empty",
-        "bad-json",
-    }
+    notes = rows["bad-line"]["notes"]
+    assert "metrics.jsonl" in notes and "line 3" in notes and "torn last line" in notes
+    assert rows["bad-line"]["problem"] is None  # skipped lines are a note, not distrust
+    assert rows["no-record"]["problem"] == "run.json: missing"
+    assert rows["no-record"]["state"] == "completed"  # the store keeps a completed run's state
+    assert rows["empty"]["state"] == "error" and rows["empty"]["problem"] == "run.json: missing"
+    assert rows["empty"]["reason"] == "run.json is missing"
+    assert rows["bad-json"]["problem"].startswith("run.json: corrupt JSON")
+    assert rows["metrics-dir"]["notes"] == "metrics.jsonl: not a regular file"
+    assert set(result.problems) == {"no-summary", "no-record", "empty", "bad-config", "bad-json",
+                                    "metrics-dir"}  # fmt: skip
 
     metrics = tables.read_sweep_table(sweep, "metrics").to_pandas()
     steps = sorted(set(metrics[metrics.run_id == "bad-line"].step))
     assert steps == [0, 5, 15, 20]  # line 3 (step 10) skipped, the valid lines still count
-    hz = tables.read_sweep_table(sweep, "horizons").to_pandas()
-    assert list(hz[hz.run_id == "bad-line"].tokens) == [1280]  # the step-10 horizon line is gone
+    assert [h["tokens"] for h in horizons_of(sweep, "bad-line")] == [1280]  # step 10 is gone
     assert rows["bad-line"]["horizons_reached"] == 1 and rows["run0"]["horizons_reached"] == 2
+    for rid in result.problems:  # distrusted runs give no horizon rows
+        assert horizons_of(sweep, rid) == [] and rows[rid]["horizons_reached"] == 0
+    # the signatures taken while reading are the ones a scan finds: nothing is read again but
+    # the running run (its state ages with the clock)
+    assert collect_sweep(sweep).reread == ("torn-events",)
+
+
+def test_a_symlinked_run_directory_is_refused(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path, n=1)
+    outside = write_run(tmp_path / "elsewhere", "run7")
+    (sweep / "runs" / "run7").symlink_to(outside)
+    collect_sweep(sweep)
+    row = runs_by_id(sweep)["run7"]
+    assert row["problem"] == "run directory is a symlink; refused"  # its files are not read
+    assert row["lr"] is None and horizons_of(sweep, "run7") == []
+    assert collect_sweep(sweep).reread == ()
+
+
+def test_out_of_range_numbers_stay_in_their_run(tmp_path: Path) -> None:
+    """Integers no table column can hold (hand-edited files) cost their run a value, never the
+    collect."""
+    sweep = make_sweep(tmp_path, n=1)
+    rd = write_run(sweep, "huge")
+    edit_json(rd / "summary.json", tokens=2**63 + 5)
+    edit_json(rd / "provenance.json", world_size=2**64 - 1)
+    with open(rd / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 2**64, "tokens": 0, "train_loss": 1.0}) + "\n")
+    with open(rd / "events.jsonl", "a") as f:
+        f.write(json.dumps({"ts": 1.0, "state": "completed", "exit_code": 2**63}) + "\n")
+    result = collect_sweep(sweep)
+    row = runs_by_id(sweep)["huge"]
+    assert row["tokens_done"] is None and row["world_size"] is None and row["exit_code"] is None
+    assert row["notes"] == "metrics.jsonl: 1 invalid line(s) skipped (line 6)"
+    assert result.n_runs == 2 and runs_by_id(sweep)["run0"]["problem"] is None
 
 
 def test_failed_and_diverged_runs_carry_their_reason(tmp_path: Path) -> None:
@@ -300,8 +339,7 @@ def test_failed_and_diverged_runs_carry_their_reason(tmp_path: Path) -> None:
         exit_code=1,
         stderr_tail="Traceback ...\nRuntimeError: boom\n",
     )
-    lines = default_lines()[:3] + [metric_line(15, float("nan"))]
-    lines[-1]["train_loss"] = None  # the trainer writes a non-finite loss as null
+    lines = default_lines()[:3] + [metric_line(15, None)]  # the trainer writes NaN as null
     write_run(
         sweep,
         "div",
@@ -313,13 +351,13 @@ def test_failed_and_diverged_runs_carry_their_reason(tmp_path: Path) -> None:
     collect_sweep(sweep)
     rows = runs_by_id(sweep)
     assert rows["crash"]["state"] == "failed" and rows["crash"]["exit_code"] == 1
-    assert rows["crash"]["error"] == "RuntimeError: boom"
+    assert rows["crash"]["reason"] == "RuntimeError: boom"
     assert "RuntimeError: boom" in rows["crash"]["stderr_tail"]
-    assert rows["div"]["state"] == "diverged" and rows["div"]["error"] == "loss is NaN at step 15"
-    hz = tables.read_sweep_table(sweep, "horizons").to_pandas()
-    div = hz[hz.run_id == "div"]
-    assert list(div.tokens) == [640] and list(div.state) == ["diverged"]
-    assert div.smoothing_points.item() == 2  # step 15's loss is missing, not zero
+    assert rows["div"]["state"] == "diverged" and rows["div"]["reason"] == "loss is NaN at step 15"
+    assert rows["div"]["problem"] is None and rows["div"]["final_loss"] is None
+    div = horizons_of(sweep, "div")
+    assert [h["tokens"] for h in div] == [640] and [h["state"] for h in div] == ["diverged"]
+    assert div[0]["smoothing_points"] == 2  # step 15's loss is missing, not zero
 
 
 def test_resumed_run_keeps_the_last_line_of_a_repeated_step(tmp_path: Path) -> None:
@@ -328,10 +366,124 @@ def test_resumed_run_keeps_the_last_line_of_a_repeated_step(tmp_path: Path) -> N
     lines.insert(2, metric_line(10, 99.0, horizon=True))  # step 10 logged twice; the later wins
     write_run(sweep, "resumed", lines=lines)
     collect_sweep(sweep)
-    hz = tables.read_sweep_table(sweep, "horizons").to_pandas()
-    assert hz[hz.tokens == 640].train_loss.item() == 4.0
+    assert [h["train_loss"] for h in horizons_of(sweep, "resumed")][0] == 4.0
     metrics = tables.read_sweep_table(sweep, "metrics").to_pandas()
     assert len(metrics[(metrics.step == 10) & (metrics.metric == "train_loss")]) == 1
+
+
+def test_plan_run_without_directory_and_not_a_sweep(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path, n=1)
+    edit_json(sweep / "plan.json", runs=["run0", "ghost"])
+    collect_sweep(sweep)
+    ghost = runs_by_id(sweep)["ghost"]
+    assert ghost["state"] == "error"
+    assert ghost["problem"] == "run directory missing (listed in plan.json)"
+    with pytest.raises(CollectError, match="not a sweep directory"):
+        collect_sweep(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------- cross-checks
+
+
+def test_config_json_that_differs_from_run_json_is_a_problem(tmp_path: Path) -> None:
+    """run.json edited after the run (the tables would show an lr it never trained at)."""
+    sweep = make_sweep(tmp_path, n=2)
+    rd = sweep / "runs" / "run1"
+    edit_json(rd / "config.json", **{"optim.lr": 0.02})
+    result = collect_sweep(sweep)
+    row = runs_by_id(sweep)["run1"]
+    assert row["problem"] == "config.json optim.lr = 0.02 but run.json says 0.01"
+    assert result.problems == {"run1": row["problem"]}
+    assert row["state"] == "completed" and horizons_of(sweep, "run1") == []
+    assert len(horizons_of(sweep, "run0")) == 2
+
+    edit_json(rd / "config.json", **{"optim.lr": 0.01, "seed": 5})
+    assert runs_by_id(sweep)["run1"]["problem"] is not None  # not re-read yet
+    collect_sweep(sweep)
+    assert runs_by_id(sweep)["run1"]["problem"] == "config.json seed = 5 but run.json says 30"
+
+    (rd / "config.json").write_text("{torn")
+    collect_sweep(sweep)
+    assert runs_by_id(sweep)["run1"]["problem"].startswith("config.json: corrupt JSON")
+    edit_json(sweep / "runs" / "run0" / "config.json", **{"optim.lr": -1})
+    collect_sweep(sweep)
+    assert runs_by_id(sweep)["run0"]["problem"].startswith("config.json: optim.lr = -1")
+
+
+def test_what_the_worker_resolves_is_not_a_mismatch(tmp_path: Path) -> None:
+    """Threads, the branch's absolute directory and horizons added before the start may differ."""
+    sweep = make_sweep(tmp_path, n=1)
+    store = SweepStore(sweep)
+    rd = store.run_dir("run0")
+    store.add_horizons("run0", (320,))
+    edit_json(rd / "config.json", threads=2, horizons_tokens=[320, 640, 1280])
+    collect_sweep(sweep)
+    row = runs_by_id(sweep)["run0"]
+    assert row["problem"] is None and row["horizons_tokens"] == [320, 640, 1280]
+    assert [h["tokens"] for h in horizons_of(sweep, "run0")] == [320, 640, 1280]
+    edit_json(rd / "config.json", horizons_tokens=[640, 2560])
+    collect_sweep(sweep, full=True)
+    assert runs_by_id(sweep)["run0"]["problem"] == (
+        "config.json horizons_tokens = [640, 2560] but run.json says [640, 1280]"
+    )
+
+
+def test_horizons_added_later_are_read_off(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path, n=1)
+    SweepStore(sweep).add_horizons("run0", (320,))  # step 5 is a logged step
+    collect_sweep(sweep)
+    hz = horizons_of(sweep, "run0")
+    assert [(h["tokens"], h["is_final"]) for h in hz] == [(320, False), (640, False), (1280, True)]
+    assert runs_by_id(sweep)["run0"]["horizons_tokens"] == [320, 640, 1280]
+
+
+@pytest.mark.parametrize(
+    ("summary", "problem"),
+    [
+        (
+            {"step": 10, "tokens": 640},
+            "summary.json says completed at step 10 but the run plans 20",
+        ),
+        ({"status": "diverged", "step": 25}, "summary.json says step 25, beyond the 20 steps"),
+        ({"status": "diverged", "step": 15}, "summary.json says diverged but the events say"),
+        ({"status": "bogus"}, "summary.json: status = 'bogus': unknown"),
+    ],
+)
+def test_a_summary_is_believed_only_if_it_agrees(
+    tmp_path: Path, summary: dict[str, Any], problem: str
+) -> None:
+    sweep = make_sweep(tmp_path, n=2)
+    edit_json(sweep / "runs" / "run1" / "summary.json", **summary)
+    collect_sweep(sweep)
+    row = runs_by_id(sweep)["run1"]
+    assert row["problem"].startswith(problem)
+    assert row["final_loss"] is None and row["steps_done"] == 20  # from the metrics instead
+    assert horizons_of(sweep, "run1") == [] and runs_by_id(sweep)["run0"]["problem"] is None
+
+
+def test_a_completed_summary_beyond_the_metrics_is_not_believed(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path, n=1)
+    write_lines(sweep / "runs" / "run0", default_lines()[:3])  # the log stops at step 10
+    collect_sweep(sweep)
+    row = runs_by_id(sweep)["run0"]
+    assert (
+        row["problem"] == "summary.json says completed at step 20 but metrics.jsonl ends at step 10"
+    )
+    assert row["steps_done"] == 10
+
+
+def test_a_deleted_run_json_keeps_its_row(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path, n=2)
+    collect_sweep(sweep)
+    (sweep / "runs" / "run1" / "run.json").unlink()
+    result = collect_sweep(sweep)
+    assert result.reread == ("run1",) and result.n_runs == 2
+    row = runs_by_id(sweep)["run1"]
+    assert row["problem"] == "run.json: missing" and row["state"] == "completed"
+    assert horizons_of(sweep, "run1") == []
+
+
+# --------------------------------------------------------------------------------- incremental
 
 
 def test_collect_is_incremental(tmp_path: Path) -> None:
@@ -348,10 +500,7 @@ def test_collect_is_incremental(tmp_path: Path) -> None:
         cache_before
     )
 
-    summary = sweep / "runs" / "run2" / "summary.json"
-    doc = json.loads(summary.read_text())
-    doc["final_loss"] = 1.25
-    summary.write_text(json.dumps(doc))
+    edit_json(sweep / "runs" / "run2" / "summary.json", final_loss=1.25)
     third = collect_sweep(sweep)
     assert third.reread == ("run2",) and third.written
     assert runs_by_id(sweep)["run2"]["final_loss"] == 1.25
@@ -362,6 +511,10 @@ def test_collect_is_incremental(tmp_path: Path) -> None:
     os.utime(sweep / "runs" / "run3" / "metrics.jsonl")  # touch: re-read, same rows
     assert collect_sweep(sweep).reread == ("run3",)
     assert len(tables.read_sweep_table(sweep, "metrics")) == n_metrics
+
+    SweepStore(sweep).add_horizons("run1", (320,))  # the sidecar is watched too
+    assert collect_sweep(sweep).reread == ("run1",)
+    assert len(tables.read_sweep_table(sweep, "horizons")) == 9
 
     write_run(sweep, "run9")
     (sweep / "runs" / "run0" / "summary.json").unlink()
@@ -390,66 +543,175 @@ def test_deleted_table_is_restored_from_the_cache(tmp_path: Path) -> None:
 
 
 def test_running_run_turns_stale_without_any_file_changing(tmp_path: Path) -> None:
-    sweep = make_sweep(tmp_path, n=1)
+    sweep = make_sweep(tmp_path, n=1, stale_after_s=60)
     write_run(sweep, "live", states=("submitted", "running"), lines=default_lines()[:2])
     (sweep / "runs" / "live" / "heartbeat").touch()
     now = time.time()
-    first = collect_sweep(sweep, stale_after_s=60, now=now)
+    first = collect_sweep(sweep, now=now)
     assert runs_by_id(sweep)["live"]["state"] == "running"
     assert first.states == {"completed": 1, "running": 1}
 
-    again = collect_sweep(sweep, stale_after_s=60, now=now + 1)
+    again = collect_sweep(sweep, now=now + 1)
     assert again.reread == ("live",) and not again.written  # volatile runs are re-derived
 
-    later = collect_sweep(sweep, stale_after_s=60, now=now + 3600)
+    later = collect_sweep(sweep, now=now + 3600)
     assert later.reread == ("live",) and later.written
     live = runs_by_id(sweep)["live"]
-    assert live["state"] == "stale" and live["error"].startswith("stale: no heartbeat for 36")
+    assert live["state"] == "stale" and live["reason"] == "stale: no heartbeat for over 60 s"
+    assert not collect_sweep(sweep, now=now + 7200).written  # the row does not age
 
 
-def test_plan_run_without_directory_and_not_a_sweep(tmp_path: Path) -> None:
-    sweep = make_sweep(tmp_path, n=1)
-    (sweep / "plan.json").write_text(json.dumps({"sweep": "sw", "runs": ["run0", "ghost"]}))
+def test_incompatible_cache_is_rebuilt(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path, n=2)
     collect_sweep(sweep)
-    ghost = runs_by_id(sweep)["ghost"]
-    assert (
-        ghost["state"] == "planned"
-        and ghost["error"] == "runs/ghost/: missing (listed in plan.json)"
-    )
-    with pytest.raises(CollectError, match="not a sweep directory"):
-        collect_sweep(tmp_path / "nowhere")
+    (sweep / CACHE_DIR / "manifest.json").write_text("{corrupt")
+    result = collect_sweep(sweep)
+    assert sorted(result.reread) == ["run0", "run1"] and result.written
 
 
-def test_parse_metrics_isolates_bad_files() -> None:
-    good = b"".join(json.dumps(x).encode() + b"\n" for x in default_lines())
+def test_leftovers_of_a_killed_collect_are_removed(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path, n=1)
+    collect_sweep(sweep)
+    junk = [sweep / CACHE_DIR / ".runs.arrow.x1.tmp", sweep / ".metrics.parquet.x2.tmp"]
+    for p in junk:
+        p.write_bytes(b"partial")
+    collect_sweep(sweep)
+    assert not any(p.exists() for p in junk)
+
+
+# ------------------------------------------------------------------------------ metrics files
+
+
+def _blob(lines: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+
+
+def test_metrics_files_are_isolated_from_each_other() -> None:
+    """A bad file (a bad line, a wrong type, blank lines, two objects on a line, CRLF) keeps its
+    valid lines and its own rows; its neighbours are not affected. Two objects on one line are
+    two rows, unless the file has an invalid line: then it is read line by line, and such a line
+    is invalid too."""
+    good = _blob(default_lines())
+    lines = good.split(b"\n")
     typed = good.replace(b'"train_loss": 5.0', b'"train_loss": "five"')
-    blank = good.replace(b"\n", b"\n\n  \n", 2)
-    chunks = (
-        [good] * 5 + [b"[1, 2]\n" + good] + [good] * 3 + [blank, typed, b"", good + b'{"step": 2']
-    )
-    wide, notes = parse_metrics(chunks)
-    runs = wide.column("_run").to_numpy()
-    assert [int((runs == i).sum()) for i in range(len(chunks))] == [5] * 5 + [5] * 5 + [4, 0, 5]
-    assert notes[5] == "1 invalid line(s) skipped (line 1)" and notes[10].endswith("(line 1)")
-    assert notes[12] == "torn last line ignored" and notes[:5] == [""] * 5 and notes[9] == ""
-    assert wide.schema.field("step").type == pa.int64()
+    blobs = [
+        good,
+        b"[1, 2]\n" + good,  # line 1 is not an object
+        good.replace(b"\n", b"\n\n  \n", 2),  # blank and whitespace-only lines
+        typed,  # a float of the wrong type becomes null (trainer.schema.parse_metrics_line)
+        b"",
+        good + b'{"step": 2',  # torn last line
+        b"\n".join([lines[0] + b" " + lines[1], *lines[2:]]),  # two objects on line 1
+        good.replace(b"\n", b"\r\n"),
+        good[:-1],  # a complete last line without its newline
+        good.replace(b'{"step": 20', b'{"_file": 0, "step": 20'),  # our label key, as data
+        good.replace(b'"step": 15', b'"step": -15'),
+        b"\n".join([lines[0] + lines[1], *lines[2:]]) + b"[3]\n",  # two objects, a bad line
+    ]
+    got = read_metrics(blobs)
+    file = got.table.column("_file").to_numpy()
+    rows = [int((file == i).sum()) for i in range(len(blobs))]
+    assert rows == [5, 5, 5, 5, 0, 5, 5, 5, 5, 5, 4, 3]
+    assert got.notes[1] == "1 invalid line(s) skipped (line 1)"
+    assert got.notes[5] == "torn last line ignored"
+    assert got.notes[10] == "1 invalid line(s) skipped (line 4)"
+    assert got.notes[11] == "2 invalid line(s) skipped (line 1, 5)"
+    assert [got.notes[i] for i in (0, 2, 3, 4, 6, 7, 8, 9)] == [""] * 8
+    step = got.table.column("step").to_numpy()
+    for i in (0, 1, 2, 3, 5, 6, 7, 8, 9):
+        assert list(step[file == i]) == [0, 5, 10, 15, 20], i
+    loss = got.table.column("train_loss").to_pylist()
+    assert loss[int(np.flatnonzero(file == 3)[0])] is None
+    assert got.table.schema.field("step").type == pa.int64()
+    # without the invalid ones, all files are read in one call: each still gets its own rows
+    again = read_metrics([good, blobs[2], blobs[6], blobs[7], blobs[8]])
+    file = again.table.column("_file").to_numpy()
+    assert [int((file == i).sum()) for i in range(5)] == [5] * 5 and again.notes == [""] * 5
+    assert all(list(again.table.column("step").to_numpy()[file == i]) == [0, 5, 10, 15, 20]
+               for i in range(5))  # fmt: skip
 
 
-def test_extra_numeric_metrics_are_kept(tmp_path: Path) -> None:
+def test_unknown_metric_keys_are_ignored(tmp_path: Path) -> None:
+    """The metric names are trainer.schema's; anything else on a line is not a metric."""
     sweep = make_sweep(tmp_path, n=0)
-    lines = [metric_line(s, 4.0, horizon=s in (10, 20), mfu=0.5, note="text") for s in (0, 10, 20)]
-    write_run(sweep, "extra", lines=lines)
+    rd = write_run(sweep, "extra")
+    lines = [{**x, "mfu": 0.5, "note": "text"} for x in default_lines()]
+    write_lines(rd, lines)
     collect_sweep(sweep)
     metrics = tables.read_sweep_table(sweep, "metrics").to_pandas()
-    assert set(metrics.metric) >= {"mfu", "train_loss", "val_loss"} and "note" not in set(
-        metrics.metric
-    )
-    assert "horizon" not in set(metrics.metric)
+    assert set(metrics.metric) <= set(FLOAT_METRICS) and "train_loss" in set(metrics.metric)
+    assert runs_by_id(sweep)["extra"]["notes"] is None
+
+
+def test_non_finite_values_are_null_like_the_schema_says(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path, n=0)
+    rd = write_run(sweep, "nan")
+    text = (rd / "metrics.jsonl").read_text().replace('"grad_norm": 0.1', '"grad_norm": NaN')
+    (rd / "metrics.jsonl").write_text(text)
+    collect_sweep(sweep)
+    metrics = tables.read_sweep_table(sweep, "metrics").to_pandas()
+    assert "grad_norm" not in set(metrics.metric) and not metrics.value.isna().any()
+
+
+def _reference_window(lines: list[dict[str, Any]], cfg: TrainConfig) -> list[tuple]:
+    """Per-run computation of (tokens, smoothed loss, std, points) over the +-1 logged points."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for row in lines:
+        by_step[row["step"]] = row  # the last line of a step wins
+    steps = sorted(by_step)
+    out = []
+    for d in sorted(cfg.horizons_tokens):
+        h = d // cfg.tokens_per_step
+        if h not in by_step:
+            continue
+        i = steps.index(h)
+        near = [by_step[s]["train_loss"] for s in steps[max(i - 1, 0) : i + 2]]
+        window = [x for x in near if x is not None]
+        out.append((d, float(np.mean(window)), float(np.std(window)), len(window)))
+    return out
+
+
+def test_smoothing_matches_a_per_run_reference(tmp_path: Path) -> None:
+    """Random runs side by side (different log intervals, horizons, gaps, repeated steps, missing
+    losses): no window may leak into a neighbouring run."""
+    rng = np.random.default_rng(0)
+    sweep = make_sweep(tmp_path, n=0)
+    want = {}
+    for i in range(25):
+        log_every = int(rng.integers(1, 6))
+        horizons = sorted({64 * int(h) for h in rng.integers(1, 40, size=3)})
+        train = {**TRAIN, "log_every": log_every, "horizons_tokens": horizons}
+        cfg = TrainConfig.from_dict(train)
+        steps = sorted(set(range(0, cfg.total_steps + 1, log_every)) | set(cfg.horizon_steps))
+        steps = [s for s in steps if rng.random() > 0.15 or s in cfg.horizon_steps]
+        lines = [metric_line(s, float(rng.normal(4, 1)), s in cfg.horizon_steps) for s in steps]
+        for line in lines[:-1]:
+            if rng.random() < 0.1:
+                line["train_loss"] = None
+        lines += [metric_line(int(s), float(rng.normal(4, 1))) for s in rng.choice(steps[:-1], 2)]
+        rid = f"r{i:02d}"
+        write_run(sweep, rid, train=train, lines=lines)
+        want[rid] = _reference_window(lines, cfg)
+    collect_sweep(sweep)
+    for rid, expected in want.items():
+        got = [
+            (h["tokens"], h["train_loss_smoothed"], h["train_loss_std"], h["smoothing_points"])
+            for h in horizons_of(sweep, rid)
+        ]
+        assert len(got) == len(expected), rid
+        for g, w in zip(got, expected, strict=True):
+            assert g[0] == w[0] and g[3] == w[3], rid
+            assert g[1] == pytest.approx(w[1]) and g[2] == pytest.approx(w[2], abs=1e-12), rid
+
+
+# ------------------------------------------------------------------------------ tables, files
 
 
 def test_schema_round_trip_and_version_check(tmp_path: Path) -> None:
     sweep = make_sweep(tmp_path, n=2)
     collect_sweep(sweep)
+    assert set(tables.HORIZON_METRICS) <= set(tables.HORIZONS_SCHEMA.names)
+    assert set(tables.HORIZON_METRICS) <= set(FLOAT_METRICS)
     for name, schema in tables.SCHEMAS.items():
         path = tables.table_path(sweep, name)
         table = tables.read_table(path, name)
@@ -464,21 +726,43 @@ def test_schema_round_trip_and_version_check(tmp_path: Path) -> None:
         tables.read_table(tables.table_path(sweep, "runs"), "horizons")
     old = tables.read_table(tables.table_path(sweep, "runs"), "runs")
     pq.write_table(
-        old.replace_schema_metadata({b"sweeper.table": b"runs", b"sweeper.schema_version": b"0"}),
+        old.replace_schema_metadata({b"sweeper.table": b"runs", b"sweeper.schema_version": b"1"}),
         tmp_path / "old.parquet",
     )
-    with pytest.raises(tables.TableError, match="schema_version = '0'"):
+    with pytest.raises(tables.TableError, match="schema_version = '1'"):
         tables.read_table(tmp_path / "old.parquet", "runs")
     with pytest.raises(tables.TableError, match="unknown column"):
         tables.from_rows("runs", [{"run_id": "x", "state": "planned", "bogus": 1}])
 
 
-def test_incompatible_cache_is_rebuilt(tmp_path: Path) -> None:
+def test_metrics_parquet_keeps_statistics_only_for_the_run_and_step_columns(
+    tmp_path: Path,
+) -> None:
     sweep = make_sweep(tmp_path, n=2)
     collect_sweep(sweep)
-    (sweep / CACHE_DIR / "manifest.json").write_text("{corrupt")
-    result = collect_sweep(sweep)
-    assert sorted(result.reread) == ["run0", "run1"] and result.written
+    meta = pq.ParquetFile(tables.table_path(sweep, "metrics")).metadata
+    group = meta.row_group(0)
+    stats = {group.column(i).path_in_schema: group.column(i).is_stats_set for i in range(5)}
+    assert stats == {"run_id": True, "step": True, "tokens": True, "metric": False, "value": False}
+
+
+def test_result_summary_line(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path, n=2)
+    line = str(collect_sweep(sweep))
+    assert line.startswith(
+        "2 runs (2 read, 0 cached; 2 completed); 0 with problems; tables written"
+    )
+    assert "\n" not in line and not math.isnan(collect_sweep(sweep).elapsed_s)
+
+
+def test_unwritable_table_is_a_one_line_error(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path, n=1)
+    tables.table_path(sweep, "horizons").mkdir()  # something that cannot be replaced by a file
+    with pytest.raises(CollectError, match=r"horizons\.parquet: cannot write the collected tables"):
+        collect_sweep(sweep)
+    tables.table_path(sweep, "horizons").rmdir()
+    assert collect_sweep(sweep).written  # the next collect publishes it
+    assert len(tables.read_sweep_table(sweep, "horizons")) == 2
 
 
 _COLLECT = "import sys; from sweeper.collect import collect_sweep; collect_sweep(sys.argv[1])"
@@ -498,6 +782,7 @@ print(n)
 """
 
 
+@pytest.mark.slow
 def test_concurrent_collects_and_readers(tmp_path: Path) -> None:
     """Two collect processes at once plus a reader: no error, no partial table, no temp files."""
     sweep = make_sweep(tmp_path, n=40)
@@ -532,281 +817,3 @@ def test_concurrent_collects_and_readers(tmp_path: Path) -> None:
     leftovers = [p.name for p in sweep.rglob(".*.tmp")]
     assert leftovers == []
     assert collect_sweep(sweep).reread == ()
-
-
-def test_result_summary_line(tmp_path: Path) -> None:
-    sweep = make_sweep(tmp_path, n=2)
-    line = str(collect_sweep(sweep))
-    assert line.startswith("2 runs (2 read, 0 cached; 2 completed); 0 with errors; tables written")
-    assert "\n" not in line and not math.isnan(collect_sweep(sweep).elapsed_s)
-
-
-def test_unwritable_table_is_a_one_line_error(tmp_path: Path) -> None:
-    sweep = make_sweep(tmp_path, n=1)
-    tables.table_path(sweep, "horizons").mkdir()  # something that cannot be replaced by a file
-    with pytest.raises(CollectError, match=r"horizons\.parquet: cannot write the collected tables"):
-        collect_sweep(sweep)
-    tables.table_path(sweep, "horizons").rmdir()
-    assert collect_sweep(sweep).written  # the next collect publishes it
-    assert len(tables.read_sweep_table(sweep, "horizons")) == 2
-
-
-def _reference_horizons(rd: Path, cfg: TrainConfig) -> list[tuple[int, float, float, int]]:
-    """Straightforward per-run computation of (tokens, smoothed loss, std, points) to check the
-    vectorised one against."""
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in (rd / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        by_step[row["step"]] = row  # the last line of a step wins
-    out = []
-    for d in sorted(cfg.horizons_tokens):
-        h = d // cfg.tokens_per_step
-        if h not in by_step:
-            continue
-        window = [
-            r["train_loss"]
-            for s, r in by_step.items()
-            if abs(s - h) <= cfg.log_every and r.get("train_loss") is not None
-        ]
-        out.append((d, float(np.mean(window)), float(np.std(window)), len(window)))
-    return out
-
-
-def test_vectorised_smoothing_matches_a_per_run_reference(tmp_path: Path) -> None:
-    """Random runs side by side (different log intervals, horizons, gaps, repeated steps, missing
-    losses): no window may leak into a neighbouring run."""
-    rng = np.random.default_rng(0)
-    sweep = make_sweep(tmp_path, n=0)
-    configs = {}
-    for i in range(25):
-        log_every = int(rng.integers(1, 6))
-        horizons = sorted({64 * int(h) for h in rng.integers(1, 40, size=3)})
-        train = {**TRAIN, "log_every": log_every, "horizons_tokens": horizons}
-        cfg = TrainConfig.from_dict(train)
-        steps = sorted(set(range(0, cfg.total_steps + 1, log_every)) | set(cfg.horizon_steps))
-        steps = [s for s in steps if rng.random() > 0.15 or s in cfg.horizon_steps]
-        lines = [metric_line(s, float(rng.normal(4, 1)), s in cfg.horizon_steps) for s in steps]
-        for line in lines:
-            if rng.random() < 0.1:
-                line["train_loss"] = None
-        lines += [metric_line(int(s), float(rng.normal(4, 1))) for s in rng.choice(steps, size=2)]
-        rid = f"r{i:02d}"
-        write_run(sweep, rid, train=train, lines=lines)
-        configs[rid] = cfg
-    collect_sweep(sweep)
-    hz = tables.read_sweep_table(sweep, "horizons").to_pylist()
-    got: dict[str, list[tuple[int, float, float, int]]] = {}
-    for h in hz:
-        got.setdefault(h["run_id"], []).append(
-            (h["tokens"], h["train_loss_smoothed"], h["train_loss_std"], h["smoothing_points"])
-        )
-    for rid, cfg in configs.items():
-        want = _reference_horizons(sweep / "runs" / rid, cfg)
-        assert len(got.get(rid, [])) == len(want), rid
-        for g, w in zip(got.get(rid, []), want, strict=True):
-            assert g[0] == w[0] and g[3] == w[3], rid
-            assert g[1] == pytest.approx(w[1]) and g[2] == pytest.approx(w[2], abs=1e-12), rid
-
-
-# ------------------------------------------------------------------------------- fast paths
-
-
-def _mixed_sweep(tmp_path: Path) -> Path:
-    """Good runs and broken ones (bad metrics line, no summary, corrupt run.json, no run.json,
-    an unfinished run, a planned run without directory), for comparing the collect paths."""
-    sweep = make_sweep(tmp_path, n=6)
-    rd = write_run(sweep, "bad-line")
-    text = (rd / "metrics.jsonl").read_text().splitlines()
-    text[2] = text[2][:40]
-    (rd / "metrics.jsonl").write_text("\n".join(text) + "\n")
-    write_run(sweep, "no-summary", summary=False)
-    write_run(sweep, "no-record", record=False)
-    write_run(sweep, "live", states=("submitted", "running"), lines=default_lines()[:2])
-    (sweep / "runs" / "bad-json").mkdir()
-    (sweep / "runs" / "bad-json" / "run.json").write_text("{not json")
-    (sweep / "plan.json").write_text(json.dumps({"sweep": "sw", "runs": ["run0", "ghost"]}))
-    return sweep
-
-
-def _contents(sweep: Path) -> dict[str, pa.Table]:
-    """The three tables with dictionary columns decoded (each process builds its own
-    dictionaries) and the metadata dropped."""
-    out = {}
-    for name in tables.TABLE_NAMES:
-        t = tables.read_sweep_table(sweep, name).replace_schema_metadata(None)
-        fields = [
-            f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f
-            for f in t.schema
-        ]
-        out[name] = t.cast(pa.schema(fields))
-    return out
-
-
-def test_two_processes_give_the_same_tables(tmp_path: Path) -> None:
-    sweep = _mixed_sweep(tmp_path)
-    one = collect_sweep(sweep, parallel=False, now=time.time())
-    want = _contents(sweep)
-    manifest = json.loads((sweep / CACHE_DIR / "manifest.json").read_bytes())["runs"]
-    two = collect_sweep(sweep, parallel=True, full=True, now=time.time())
-    assert sorted(two.reread) == sorted(one.reread) and len(one.reread) == 12
-    assert two.errors == one.errors and two.rows == one.rows and two.states == one.states
-    got = _contents(sweep)
-    for name in tables.TABLE_NAMES:
-        assert got[name].equals(want[name]), name
-    assert json.loads((sweep / CACHE_DIR / "manifest.json").read_bytes())["runs"] == manifest
-    assert not [p.name for p in (sweep / CACHE_DIR).iterdir() if p.name.startswith(".")]
-    third = collect_sweep(sweep, parallel=True)  # the cache of a two-process collect works
-    assert third.reread == ("live",) and not third.written
-
-
-def test_a_dead_worker_process_is_replaced_by_reading_here(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    sweep = _mixed_sweep(tmp_path)
-    collect_sweep(sweep, parallel=False)
-    want = _contents(sweep)
-    parent, read_run = os.getpid(), collect._read_run
-
-    def dies_in_the_worker(*args: Any) -> Any:
-        if os.getpid() != parent:
-            os._exit(9)  # as if killed (e.g. out of memory)
-        return read_run(*args)
-
-    monkeypatch.setattr(collect, "_read_run", dies_in_the_worker)  # the forked worker has it too
-    result = collect_sweep(sweep, parallel=True, full=True)
-    assert len(result.reread) == 12
-    got = _contents(sweep)
-    for name in tables.TABLE_NAMES:
-        assert got[name].equals(want[name]), name
-
-
-def test_signatures_taken_while_reading_match_the_scan(tmp_path: Path) -> None:
-    """A first collect takes each file's signature from the open file instead of a stat pass:
-    the manifest must hold what scan_signatures computes, or the next collect reads again."""
-    sweep = _mixed_sweep(tmp_path)
-    (sweep / "runs" / "run1" / "config.json").unlink()
-    collect_sweep(sweep)
-    runs = json.loads((sweep / CACHE_DIR / "manifest.json").read_bytes())["runs"]
-    assert {rid: entry[0] for rid, entry in runs.items()} == scan_signatures(sweep)
-    assert runs["ghost"][0] == "-,-,-,-,-,-" and runs["run1"][0].split(",")[1] == "-"
-    assert collect_sweep(sweep).reread == ("live",)
-
-
-def test_read_all_reads_a_file_that_grew_since_its_stat(tmp_path: Path) -> None:
-    path = tmp_path / "grown"
-    data = os.urandom(3 << 20)
-    path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        assert collect._read_all(fd, 100) == data
-    finally:
-        os.close(fd)
-
-
-def test_parse_events_reads_like_the_store(tmp_path: Path) -> None:
-    lines = [
-        b'{"ts": 1, "state": "submitted", "attempt": 1}',
-        b"",
-        b'{"ts": 2, "state": "running", "attempt": 1, "host": "h\\u00e9"}\r',
-        b"[1, 2]",
-        b'{"ts": 3}',
-        b'{"ts": 4, "state": 5}',
-        b"\xef\xbb\xbf" + b'{"ts": 5, "state": "failed", "attempt": 1}',
-        b"\xff\xfe",
-        b'{"ts": 6, "state": "completed", "exit_code": 0}',
-        b'{"ts": 7, "state": "compl',
-    ]
-    data = b"\n".join(lines)
-    (tmp_path / store.EVENTS).write_bytes(data)
-    want = store.read_events(tmp_path)
-    assert [e["ts"] for e in want] == [1, 2, 5, 6]
-    assert parse_events(data) == want
-
-
-def test_parse_metrics_counts_blank_and_crlf_lines_per_file() -> None:
-    """Files that parse but whose newline count is not their row count (blank lines, CRLF,
-    whitespace-only lines) still get their own rows."""
-    good = b"".join(json.dumps(x).encode() + b"\n" for x in default_lines())
-    blank = b"\n" + good.replace(b"\n", b"\n \n\t\n", 3)
-    crlf = good.replace(b"\n", b"\r\n")
-    chunks = [good, blank, crlf, good[:-1], b"\n\n", good]
-    wide, notes = parse_metrics(chunks)
-    runs = wide.column("_run").to_numpy()
-    assert [int((runs == i).sum()) for i in range(len(chunks))] == [5, 5, 5, 5, 0, 5]
-    assert notes == [""] * len(chunks)
-    steps = wide.column("step").to_numpy()
-    assert all(list(steps[runs == i]) == [0, 5, 10, 15, 20] for i in (0, 1, 2, 3, 5))
-
-
-def test_parse_metrics_never_shifts_rows_between_files() -> None:
-    """pyarrow reads two objects on one line as two rows and skips blank lines: a file with one
-    and a file with the other must not trade rows (their line counts would add up)."""
-    good = b"".join(json.dumps(x).encode() + b"\n" for x in default_lines())
-    lines = good.split(b"\n")
-    two_on_a_line = b"\n".join([lines[0] + b" " + lines[1], *lines[2:]])
-    blank = good.replace(b"\n", b"\n\n", 1)
-    marker = good + b'{"sweeper.end_of_file": true}\n'
-    chunks = [good, two_on_a_line, good, blank, good, marker, good]
-    wide, notes = parse_metrics(chunks)
-    runs = wide.column("_run").to_numpy()
-    assert [int((runs == i).sum()) for i in range(len(chunks))] == [5, 3, 5, 5, 5, 5, 5]
-    assert notes[1] == "1 invalid line(s) skipped (line 1)" and notes[3] == ""
-    assert notes[5] == "1 invalid line(s) skipped (line 6)"  # no step, as any such line
-    steps = wide.column("step").to_numpy()
-    assert all(list(steps[runs == i]) == [0, 5, 10, 15, 20] for i in (0, 2, 3, 4, 5, 6))
-
-
-def test_metrics_parquet_keeps_statistics_only_for_the_run_and_step_columns(
-    tmp_path: Path,
-) -> None:
-    sweep = make_sweep(tmp_path, n=2)
-    collect_sweep(sweep)
-    meta = pq.ParquetFile(tables.table_path(sweep, "metrics")).metadata
-    group = meta.row_group(0)
-    stats = {group.column(i).path_in_schema: group.column(i).is_stats_set for i in range(5)}
-    assert stats == {"run_id": True, "step": True, "tokens": True, "metric": False, "value": False}
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        b'{"a": 1}',
-        b'{"a": [1, 2.5, null, true]}\n\t ',
-        b' {"a": 1}',
-        b"12",
-        b'{"a": 1} x',
-        b"\xef\xbb\xbf" + b'{"b": 2}',
-        '{"\u00e9": 1}'.encode("utf-16"),
-        b'{"a": NaN}',
-        b"",
-        b"{bad",
-        b'{"a": "\xff"}',
-    ],
-)
-def test_fast_json_loads_is_json_loads(data: bytes) -> None:
-    def outcome(loads: Any) -> tuple[str, Any]:
-        try:
-            return "ok", loads(data)
-        except ValueError as e:
-            return type(e).__name__, str(e)
-
-    assert outcome(collect._json_loads) == outcome(json.loads)  # NaN: json's one constant
-
-
-def test_reading_in_groups_gives_the_same_tables(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Runs are read and parsed a group at a time; groups of 2 (extra metrics in one group
-    only, a bad file in another) must give the tables of one group."""
-    sweep = _mixed_sweep(tmp_path)
-    lines = [metric_line(s, 4.0, horizon=s in (10, 20), mfu=0.5) for s in (0, 10, 20)]
-    write_run(sweep, "run3", lines=lines)
-    now = time.time()
-    collect_sweep(sweep, parallel=False, now=now)
-    want = _contents(sweep)
-    monkeypatch.setattr(collect, "_READ_GROUP", 2)
-    collect_sweep(sweep, parallel=False, full=True, now=now)
-    got = _contents(sweep)
-    for name in tables.TABLE_NAMES:
-        assert got[name].equals(want[name]), name
-    assert "mfu" in set(got["metrics"].column("metric").to_pylist())

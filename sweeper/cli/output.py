@@ -11,6 +11,7 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 FORMATS = click.Choice(["table", "json", "csv"])
 # Piped output (tests, `| less`) should not be wrapped at 80 columns.
@@ -36,7 +37,7 @@ def emit(rows: list[dict[str, Any]], fmt: str, title: str, columns: list[str]) -
         for c in columns:
             table.add_column(c, overflow="fold")
         for r in rows:
-            table.add_row(*(cell(r.get(c)) for c in columns))
+            table.add_row(*(Text(cell(r.get(c))) for c in columns))  # values are never markup
         out.print(table)
 
 

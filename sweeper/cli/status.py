@@ -10,6 +10,7 @@ import click
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from sweeper import LiveView, RunProgress, RunState, StoreError, Sweep, filter_rows, natural_key
 from sweeper.cli import results_dir, results_option
@@ -113,6 +114,8 @@ def status_cmd(
             [c for c in COLUMNS if c != "eta"]
             + ["eta_s", "model", "lr", "batch_size", "seed", "backend", "job_id"],
         )
+    for line in s.store.strays():  # entries of runs/ that are not runs: said, never fatal
+        click.echo(f"warning: {line}", err=True)
     bad = sum(r.state in (RunState.FAILED, RunState.ERROR) for r in rows)
     return 1 if bad else 0
 
@@ -130,7 +133,7 @@ def render(title: str, rows: list[RunProgress], limit: int = 500) -> Table | Gro
         d = r.to_dict()
         d["eta"] = format_seconds(r.eta_s) if r.eta_s is not None else None
         style = _STYLE.get(r.state.value)
-        table.add_row(*(cell(d.get(c)) for c in COLUMNS), style=style)
+        table.add_row(*(Text(cell(d.get(c))) for c in COLUMNS), style=style)  # never markup
     if len(rows) > limit:
         return Group(table, f"... {len(rows) - limit} more runs (filter with --state/--where)")
     return table

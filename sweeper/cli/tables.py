@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from sweeper import Sweep
+from sweeper import SpecError, Sweep
 from sweeper.cli import results_dir, results_option
 from sweeper.cli.output import err
 
@@ -69,7 +69,18 @@ def export_cmd(
       sweeper export demo --table horizons --format csv -o horizons.csv
       sweeper export demo --table optima --format markdown --columns tokens,batch_size,lr_star,y0
     """
+    target = None if output in (None, "-") else _output_path(output)
     s = Sweep.open(sweep, results_dir(ctx, results_here))
     cols = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
-    s.export(table, fmt, None if output in (None, "-") else Path(output), cols)
+    s.export(table, fmt, target, cols)
     return 0
+
+
+def _output_path(output: str) -> Path:
+    """``-o``, refused before anything is read or collected unless it can be written."""
+    path = Path(output)
+    if path.is_dir():
+        raise SpecError("<cli>", "-o", output, "is a directory")
+    if not path.parent.is_dir():
+        raise SpecError("<cli>", "-o", output, f"directory {path.parent} does not exist")
+    return path
