@@ -33,20 +33,28 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 # The trivial trial: argv is [--run, RUN.json, --out, DIR]; write a completed summary and exit.
-TRIAL = (
-    "import json,os,sys\n"
-    "out=sys.argv[sys.argv.index('--out')+1]\n"
-    "os.makedirs(out,exist_ok=True)\n"
-    "s={'status':'completed','step':1,'tokens':64,'final_loss':1.0,'final_output_norm':1.0,"
-    "'wall_time_s':0.0,'diverged_step':None,'reason':None}\n"
-    "open(os.path.join(out,'summary.json'),'w').write(json.dumps(s))\n"
+# One line: the spec refuses control characters (newlines) in backend.command.
+TRIAL = "; ".join(
+    [
+        "import json,os,sys",
+        "out=sys.argv[sys.argv.index('--out')+1]",
+        "os.makedirs(out,exist_ok=True)",
+        "s={'status':'completed','step':1,'tokens':64,'final_loss':1.0,'final_output_norm':1.0,"
+        "'wall_time_s':0.0,'diverged_step':None,'reason':None}",
+        "open(os.path.join(out,'summary.json'),'w').write(json.dumps(s))",
+    ]
 )
 
 
 def spec(backend: str, runs: int, parallel: int) -> str:
-    """A sweep of ``runs`` trivial trials for ``backend``."""
+    """A sweep of ``runs`` trivial trials for ``backend``, ``parallel`` at once."""
     lrs = ", ".join(str(2.0**-i) for i in range(4, 4 + runs))
     command = json.dumps([sys.executable, "-c", TRIAL])
+    limit = {
+        "local": f"max_parallel = {parallel}",
+        "slurm": f"array_parallelism = {parallel}",
+        "ray": f"max_concurrent = {parallel}\nnum_cpus = 1",
+    }[backend]
     return f"""
 name = "bench-{backend}"
 [[models]]
@@ -61,13 +69,11 @@ horizons_tokens = [64]
 cpus_per_task = 1
 mem_gb = 1
 time_min = 30
-array_parallelism = {parallel}
-ray_num_cpus = 1
-max_concurrent = {parallel}
 [backend]
 name = "{backend}"
-max_parallel = {parallel}
 command = {command}
+[backend.{backend}]
+{limit}
 """
 
 

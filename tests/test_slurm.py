@@ -1,4 +1,7 @@
-"""The SLURM backend against a real single-node SLURM (``bash scripts/slurm-cluster.sh start``).
+"""The SLURM backend: config, job arrays and sbatch scripts (no cluster needed), then SLURM-specific
+behaviour against a real single-node SLURM (``bash scripts/slurm-cluster.sh start``): dry run,
+requeue, preemption, packing, 2-rank torchrun. What every backend does alike (a sweep completes,
+a killed run resumes once, cancel and resume) is in ``test_backend_contract.py``.
 
 Every test that needs the cluster skips with the reason when it is not up. The runs are tiny
 (``test-micro``, synthetic data, one thread), so each test takes seconds of training plus SLURM's
@@ -8,54 +11,50 @@ scheduling and requeue delays.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
+import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import pytest
-from sweep_cli import Sweep, all_in, logged_steps, losses, micro_spec, steps_after, wait_for
-
-from sweeper.backends import LaunchOptions
-from sweeper.backends.slurm import (
-    FINAL_STATES,
-    SlurmBackend,
-    accounting,
-    chunks,
-    max_array_size,
-    packs,
-    sbatch_parameters,
+from sweep_cli import (
+    REPO,
+    Sweep,
+    all_in,
+    base_env,
+    fake_command,
+    logged_steps,
+    losses,
+    micro_spec,
+    sacct_ids,
+    slurm_problem,
+    squeue_ids,
+    steps_after,
+    wait_for,
 )
-from sweeper.launch import prepare_sweep, select_runs
 
-REPO = Path(__file__).resolve().parent.parent
+from sweeper import Sweep as Sweep_
+from sweeper.backends import LaunchOptions
+from sweeper.backends.slurm import FINAL_STATES, SlurmBackend, _ours, accounting, max_array_size
+from sweeper.backends.slurm_script import (
+    ArrayJob,
+    Queue,
+    SlurmConfig,
+    mem_string,
+    pack,
+    plan_arrays,
+    sbatch_parameters,
+    sbatch_script,
+    split_throttle,
+)
+from sweeper.records import Resources, RunEvent, RunKind, RunRecord, RunState
+from trainer.config import ConfigError, TrainConfig
 
-
-def _slurm_up() -> str | None:
-    """None if the cluster answers, else why not."""
-    if shutil.which("sinfo") is None:
-        return "SLURM is not installed (bash scripts/slurm-cluster.sh start)"
-    try:
-        out = subprocess.run(
-            ["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10
-        )
-        acct = subprocess.run(["sacct", "-n", "-X", "-S", "now"], capture_output=True, timeout=10)
-    except subprocess.TimeoutExpired:
-        return "SLURM does not answer"
-    if out.returncode or not out.stdout.strip():
-        return f"SLURM is not running: {out.stderr.strip()} (bash scripts/slurm-cluster.sh start)"
-    if acct.returncode:
-        return "SLURM accounting (sacct) is not working"
-    return None
-
-
-_WHY_NOT = _slurm_up()
+_WHY_NOT = slurm_problem()
 
 
 def on_cluster(test: Callable[..., None]) -> Callable[..., None]:
@@ -64,26 +63,243 @@ def on_cluster(test: Callable[..., None]) -> Callable[..., None]:
     return pytest.mark.slurm(pytest.mark.slow(test))
 
 
-# ----------------------------------------------------------------------------------- utilities
+# --------------------------------------------------------------------------------------- config
 
 
-def spec_text(name: str, *, resources: str = "", **kw: Any) -> str:
-    """A tiny SLURM sweep spec."""
-    return micro_spec(
-        name, "slurm", f"cpus_per_task = 1\nmem_gb = 1\ntime_min = 30\n{resources}", **kw
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("partition", "gpu\n#SBATCH --qos=free"),
+        ("account", "proj\r"),
+        ("qos", "hi\x00"),
+        ("constraint", "a100\x1b[2J"),
+        ("python", "python3\nrm -rf x"),
+        ("setup", ("module load cuda", "echo ok\nsbatch evil.sh")),
+        ("sbatch_extra", ("comment=a\nb",)),
+        ("sbatch_extra", ("comm\tent=x",)),
+        ("env", ("A=1\n#SBATCH --exclusive",)),
+        ("env", ("A\n=1",)),
+    ],
+)
+def test_control_characters_are_refused_naming_the_key(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError) as err:
+        SlurmConfig(**{key: value}).validate()
+    msg = str(err.value)
+    assert msg.startswith(f"backend.slurm.{key} = ") and "\n" not in msg
+    assert "control characters" in msg or key in ("sbatch_extra", "env")
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        ("mail_type=END", "[A-Za-z-]+"),
+        ("gres gpu=1", "[A-Za-z-]+"),
+        ("x;y=1", "[A-Za-z-]+"),
+        ("=1", "[A-Za-z-]+"),
+        ("array=0-9", "set by the sweeper"),
+        ("dependency=afterok:1", "set by the sweeper"),
+        ("mem=4G", "resources.mem_gb"),
+        ("partition=gpu", "backend.slurm.partition"),
+    ],
+)
+def test_sbatch_extra_keys_are_checked(entry: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^backend\.slurm\.sbatch_extra = .*{re.escape(why)}"):
+        SlurmConfig(sbatch_extra=(entry,)).validate()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("array_parallelism", 0), ("runs_per_job", 0), ("max_array_size", 0), ("signal_delay_s", -1)],
+)
+def test_bad_numbers_are_refused(key: str, value: int) -> None:
+    with pytest.raises(ConfigError, match=rf"^backend\.slurm\.{key} = {value}: "):
+        SlurmConfig(**{key: value}).validate()
+
+
+def test_good_config_validates_and_maps_options() -> None:
+    cfg = SlurmConfig(
+        partition="gpu",
+        sbatch_extra=("exclusive", "--gres=gpu:a100:1", "comment=two words"),
+        env=("NCCL_DEBUG=INFO", "EMPTY="),
+        setup=("module load cuda/12.4",),
     )
+    cfg.validate()
+    assert cfg.extra_options() == {"exclusive": True, "gres": "gpu:a100:1", "comment": "two words"}
+    assert cfg.env_vars() == {"NCCL_DEBUG": "INFO", "EMPTY": ""}
+
+
+def test_spec_tables_build_the_config() -> None:
+    from sweeper.backends import parse_config
+    from sweeper.errors import SpecError
+
+    raw = {"partition": "gpu", "setup": ["module load x"], "array_parallelism": 8}
+    cfg = parse_config("slurm", raw, "s.toml")
+    assert cfg == SlurmConfig(partition="gpu", setup=("module load x",), array_parallelism=8)
+    with pytest.raises(SpecError, match=r"^s\.toml: backend\.slurm\.partition = 'a\\nb': "):
+        parse_config("slurm", {"partition": "a\nb"}, "s.toml")
+    with pytest.raises(SpecError, match=r"backend\.slurm\.nope: unknown key"):
+        parse_config("slurm", {"nope": 1}, "s.toml")
+
+
+@pytest.mark.parametrize(
+    ("gb", "text"),
+    [(64.0, "64G"), (1.0, "1G"), (1.5, "1536M"), (0.25, "256M"), (0.3, "308M"), (0.001, "2M")],
+)
+def test_mem_never_rounds_to_zero(gb: float, text: str) -> None:
+    assert mem_string(gb) == text
+
+
+# ------------------------------------------------------------------------------ arrays and scripts
+
+
+def test_sbatch_script_follows_resources_and_config(tmp_path: Path) -> None:
+    res = Resources(
+        nodes=2, procs_per_node=4, gpus_per_node=4, cpus_per_task=8, mem_gb=64.0, time_min=120
+    )
+    cfg = SlurmConfig(
+        partition="gpu",
+        account="proj",
+        qos="high",
+        constraint="a100",
+        sbatch_extra=("exclusive",),
+        setup=("module load cuda/12.4", "source ~/venv/bin/activate"),
+        env=("NCCL_DEBUG=INFO", "ODD=a b'c"),
+    )
+    tasks = [[f"r{i}"] for i in range(100)]
+    array = ArrayJob(tasks, sbatch_parameters(res, cfg, "sweeper-demo"), ["7_3", "8"], 16)
+    text = sbatch_script(array, tmp_path, "python3")
+    for line in (
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=32",
+        "--gpus-per-node=4",
+        "--mem=64G",
+        "--time=120",
+        "--partition=gpu",
+        "--account=proj",
+        "--qos=high",
+        "--constraint=a100",
+        "--exclusive",
+        "--requeue",
+        "--hold",
+        "--signal=USR2@90",
+        "--array=0-99%16",
+        "--job-name=sweeper-demo",
+        "--dependency=afterok:7_3:8",
+        "--kill-on-invalid-dep=yes",
+    ):
+        assert f"#SBATCH {line}\n" in text, line
+    setup = text.split("# setup\n")[1].split("\n\n")[0].splitlines()
+    assert setup == [
+        "export NCCL_DEBUG=INFO",
+        "export ODD='a b'\"'\"'c'",
+        "module load cuda/12.4",
+        "source ~/venv/bin/activate",
+    ]
+    assert f"python3 -u -m submitit.core._submit {tmp_path}" in text
+    single = sbatch_script(ArrayJob([["r0"]], array.params), tmp_path, "python3")
+    assert "--array" not in single and "--dependency" not in single
+
+
+def _record(rid: str, kind: RunKind = RunKind.SINGLE, parent: str | None = None) -> RunRecord:
+    return RunRecord(
+        id=rid, slug=rid, kind=kind, parent=parent, sweep="s", model="m", train=TrainConfig()
+    )
+
+
+def _wsd(trunks: int, branches: int) -> list[RunRecord]:
+    runs = []
+    for t in range(trunks):
+        runs.append(_record(f"t{t}", RunKind.TRUNK))
+        runs += [_record(f"t{t}b{b}", RunKind.BRANCH, f"t{t}") for b in range(branches)]
+    return runs
+
+
+def test_a_wsd_sweep_is_one_array_of_chains_whatever_its_size() -> None:
+    runs = _wsd(540, 8)
+    sub = plan_arrays(runs, SlurmConfig(), "j", parallel=9, max_array=1001, queue=Queue())
+    assert sub.sbatch_calls == 1 and not sub.refused and not sub.retune
+    (array,) = sub.arrays
+    assert len(array.tasks) == 540 and array.throttle == 9 and array.dependency == []
+    assert array.tasks[3] == ["t3", *(f"t3b{b}" for b in range(8))]
+
+
+def test_throttle_holds_across_arrays_and_live_arrays() -> None:
+    runs = [_record(f"r{i}") for i in range(2500)]
+    sub = plan_arrays(runs, SlurmConfig(), "j", parallel=64, max_array=1000, queue=Queue())
+    assert [len(a.tasks) for a in sub.arrays] == [1000, 1000, 500]
+    assert sum(a.throttle for a in sub.arrays) == 64
+    # an earlier launch's array with 300 unfinished tasks and one plain job share the budget
+    queue = Queue(live_arrays={"41": 300}, live_jobs=1)
+    sub = plan_arrays(runs[:100], SlurmConfig(), "j", parallel=64, max_array=1000, queue=queue)
+    assert sum(sub.retune.values()) + sum(a.throttle for a in sub.arrays) == 63
+    assert sub.retune["41"] > sub.arrays[0].throttle >= 1
+
+
+@pytest.mark.parametrize(
+    ("budget", "sizes"),
+    [(9, [540]), (3, [100, 1, 1]), (64, [1000, 1000, 500]), (10, [3, 4]), (5, [7] * 5), (4, [])],
+)
+def test_split_throttle_stays_within_the_budget(budget: int, sizes: list[int]) -> None:
+    shares = split_throttle(budget, sizes)
+    assert len(shares) == len(sizes)
+    assert all(1 <= s <= max(1, n) for s, n in zip(shares, sizes, strict=True))
+    assert sum(shares) <= max(budget, len(sizes))
+    if sum(sizes) > budget >= len(sizes):
+        assert sum(shares) == budget
+
+
+def test_branches_of_earlier_trunks_depend_on_their_jobs_and_orphans_are_refused() -> None:
+    runs = [
+        _record("t0b0", RunKind.BRANCH, "t0"),  # trunk completed: starts at once
+        _record("t1b0", RunKind.BRANCH, "t1"),  # trunk queued as 5_1
+        _record("t2b0", RunKind.BRANCH, "t2"),  # trunk queued as 6
+        _record("t1b1", RunKind.BRANCH, "t1"),
+        _record("t3b0", RunKind.BRANCH, "t3"),  # trunk failed, not relaunched
+    ]
+    queue = Queue(
+        completed=frozenset({"t0"}),
+        parent_jobs={"t1": "5_1", "t2": "6"},
+        parent_states={"t3": "failed"},
+        live_arrays={"5": 1},
+        live_jobs=1,
+    )
+    sub = plan_arrays(runs, SlurmConfig(), "j", parallel=8, max_array=1001, queue=queue)
+    free, waiting = sub.arrays
+    assert free.tasks == [["t0b0"]] and free.dependency == []
+    assert waiting.tasks == [["t1b0"], ["t2b0"], ["t1b1"]]
+    assert waiting.dependency == ["5_1", "6"]
+    assert waiting.parameters()["additional_parameters"]["kill-on-invalid-dep"] == "yes"
+    assert sub.refused == {"t3b0": "trunk t3 is failed and not in this launch"}
+    assert sub.sbatch_calls == 2
+
+
+def test_packing_joins_units_up_to_runs_per_job() -> None:
+    assert pack([["a"], ["b"], ["c"], ["d"], ["e"]], 2) == [["a", "b"], ["c", "d"], ["e"]]
+    assert pack([["t", "b1", "b2"], ["s"], ["u"]], 2) == [["t", "b1", "b2"], ["s", "u"]]
+    assert pack([["a"], ["b"]], 1) == [["a"], ["b"]]
+    assert set(FINAL_STATES) >= {"PREEMPTED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "FAILED"}
+
+
+def test_a_task_runs_only_runs_that_wait_for_its_job() -> None:
+    def ev(state: RunState, job: str | None) -> RunEvent:
+        return RunEvent(ts=0.0, state=state, job_id=job)
+
+    assert _ours(None, "5_1")
+    assert _ours(ev(RunState.SUBMITTED, "5_1"), "5_1")
+    assert _ours(ev(RunState.RUNNING, "5_1"), "5_1")  # requeued after a kill
+    assert not _ours(ev(RunState.SUBMITTED, "9_0"), "5_1")  # resubmitted elsewhere
+    assert not _ours(ev(RunState.CANCELLED, "5_1"), "5_1")
+    assert not _ours(ev(RunState.COMPLETED, "5_1"), "5_1")
+
+
+# ------------------------------------------------------------------------------ on the cluster
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Environment of the CLI (SLURM jobs inherit it): one corpus cache for every test."""
-    cache = tmp_path_factory.mktemp("corpus-cache")
-    return {
-        **os.environ,
-        "TRAINER_CACHE": str(cache),
-        "PYTHONPATH": str(REPO),
-        "SWEEPER_HEARTBEAT_S": "1",
-    }
+    return base_env(tmp_path_factory.mktemp("corpus-cache"))
 
 
 class SlurmSweep(Sweep):
@@ -92,142 +308,125 @@ class SlurmSweep(Sweep):
         return queue + "\n" + super().diagnose()
 
 
-# --------------------------------------------------------------------------- without a cluster
+def spec_text(name: str, **kw: Any) -> str:
+    """A tiny SLURM sweep spec."""
+    return micro_spec(name, "slurm", **kw)
 
 
-def test_sbatch_parameters_follow_the_spec_resources() -> None:
-    from submitit.slurm.slurm import _make_sbatch_string
-
-    res = {
-        "nodes": 2,
-        "procs_per_node": 4,
-        "gpus_per_node": 4,
-        "cpus_per_task": 8,
-        "mem_gb": 64.0,
-        "time_min": 120,
-        "partition": "gpu",
-        "account": "proj",
-        "qos": "high",
-        "constraint": "a100",
-        "sbatch_extra": {"exclusive": True},
-        "array_parallelism": 16,
-    }
-    params = sbatch_parameters(res, "sweeper-demo")
-    text = _make_sbatch_string(command="run", folder="/x", map_count=100, **params)
-    for line in (
-        "--nodes=2",
-        "--ntasks-per-node=1",
-        "--cpus-per-task=32",
-        "--gpus-per-node=4",
-        "--mem=64GB",
-        "--time=120",
-        "--partition=gpu",
-        "--account=proj",
-        "--qos=high",
-        "--constraint=a100",
-        "--exclusive",
-        "--requeue",
-        "--signal=USR2@90",
-        "--array=0-99%16",
-        "--job-name=sweeper-demo",
-    ):
-        assert f"#SBATCH {line}\n" in text + "\n", line
-    half = sbatch_parameters({"mem_gb": 1.5}, "j")
-    assert half["mem"] == "1536MB" and "gpus_per_node" not in half and "partition" not in half
-
-
-def test_packs_and_array_chunks() -> None:
-    ids = [f"r{i}" for i in range(7)]
-    assert packs(ids, 3) == [["r0", "r1", "r2"], ["r3", "r4", "r5"], ["r6"]]
-    assert packs(ids, 1) == [[i] for i in ids]
-    assert chunks(packs(ids, 2), 3) == [[["r0", "r1"], ["r2", "r3"], ["r4", "r5"]], [["r6"]]]
-    assert set(FINAL_STATES) >= {
-        "PREEMPTED",
-        "TIMEOUT",
-        "NODE_FAIL",
-        "OUT_OF_MEMORY",
-        "CANCELLED",
-        "FAILED",
-    }
-
-
-# ------------------------------------------------------------------------------ on the cluster
+def _scripts(text: str) -> list[str]:
+    """The sbatch scripts in a dry run's output (each from ``#!/bin/bash`` to its end)."""
+    parts = text.split("#!/bin/bash")[1:]
+    return ["#!/bin/bash" + p.split("\n# ---- array")[0].rstrip("\n") for p in parts]
 
 
 @on_cluster
-def test_four_run_sweep_completes_as_one_throttled_array_and_collects(
+def test_dry_run_prints_the_exact_scripts_and_submits_nothing(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
-    sw = SlurmSweep(tmp_path, env, "four", spec_text("four", resources="array_parallelism = 2"))
-    t0 = time.monotonic()
+    table = (
+        "array_parallelism = 3\nmax_array_size = 3\n"
+        'setup = ["echo setup-ran-here"]\nenv = ["FAKE_SLEEP=3"]'
+    )
+    text = spec_text(
+        "dry", schedule="wsd", horizon=4096, top=fake_command(tmp_path), backend_table=table
+    )
+    sw = SlurmSweep(tmp_path, env, "dry", text)
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 1))
+    queued = squeue_ids()
+    dry = sw.cli("launch", str(sw.spec), "--dry-run").stdout
+    assert squeue_ids() == queued and sacct_ids(since) == set(), "a dry run submitted a job"
+    assert not sw.store.root.exists()
+    scripts = _scripts(dry)
+    # 4 trunks, each with its branch as one task: 3 + 1 tasks over 2 sbatch calls, 3 at once
+    assert len(scripts) == 2 and "#SBATCH --array=0-2%2\n" in scripts[0]
+    assert "--array" not in scripts[1]  # a 1-task chunk is a plain job, which counts 1
+    assert all("export FAKE_SLEEP=3\necho setup-ran-here\n" in s for s in scripts)
+    assert dry.count("#   task ") == 4 and dry.count(" then ") == 4
+    # the same launch for real submits exactly these files
     sw.cli("launch", str(sw.spec))
-    assert time.monotonic() - t0 < 30, "launch must return once the jobs are queued"
     states = sw.wait(all_in("completed"))
-    assert len(states) == 4
-    jobs = {sw.events(r)[-1]["job_id"] for r in states}
-    assert len({j.split("_")[0] for j in jobs}) == 1 and len(jobs) == 4, jobs  # one array
-    submission = next((sw.store.root / "slurm").glob("*_submission.sh")).read_text()
-    assert "#SBATCH --array=0-3%2" in submission
+    assert len(states) == 8
+    jobs = sorted({e.job_id.split("_")[0] for r in states for e in sw.events(r) if e.job_id})
+    folder = sw.store.root / "slurm"
+    assert [(folder / f"{j}_submission.sh").read_text().rstrip("\n") for j in jobs] == scripts
     for rid in states:
-        kinds = [e["state"] for e in sw.events(rid)]
-        assert kinds == ["submitted", "running", "completed"], kinds
-    sw.cli("collect", sw.name)
-    runs = pq.read_table(sw.store.root / "runs.parquet").to_pandas()
-    assert len(runs) == 4 and set(runs["state"]) == {"completed"}
+        record = sw.store.load_record(rid)
+        if record.parent:  # a branch started after its trunk completed, in the trunk's task
+            done = sw.events(record.parent)[-1]
+            started = next(e for e in sw.events(rid) if e.state == RunState.RUNNING)
+            assert started.ts >= done.ts and started.job_id == done.job_id
+    assert "setup-ran-here" in (folder / f"{jobs[0]}_0_0_log.out").read_text()
 
 
 @on_cluster
-def test_packed_runs_share_jobs_and_arrays_are_chunked(tmp_path: Path, env: dict[str, str]) -> None:
-    os.environ["TRAINER_CACHE"] = env["TRAINER_CACHE"]
-    text = spec_text("packed", resources="runs_per_job = 2")
-    spec = tmp_path / "packed.toml"
-    spec.write_text(text)
-    prep = prepare_sweep(spec, tmp_path / "results")
-    ids = select_runs(prep.store)
-    assert max_array_size() >= 2  # read from `scontrol show config`
-    # MaxArraySize 1 forces one job per pack: 4 runs -> 2 packs -> 2 jobs
-    SlurmBackend(max_array_size=1).launch(prep.store, ids, LaunchOptions())
-    sw = SlurmSweep(tmp_path, env, "packed", text)
-    states = sw.wait(all_in("completed"))
-    jobs = {rid: sw.events(rid)[-1]["job_id"] for rid in states}
-    assert sorted(jobs.values()).count(jobs[ids[0]]) == 2 and len(set(jobs.values())) == 2
-    assert all("_" not in j for j in jobs.values())  # chunks of one pack are plain jobs
+def test_dry_run_of_branches_shows_dependencies_and_the_shared_throttle(
+    tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = 'array_parallelism = 4\nenv = ["FAKE_SLEEP=20"]'
+    text = spec_text(
+        "deps", schedule="wsd", horizon=4096, top=fake_command(tmp_path), backend_table=table
+    )
+    sw = SlurmSweep(tmp_path, env, "deps", text)
+    api = Sweep_.create(sw.spec, sw.results)
+    records = [sw.store.load_record(r) for r in sw.store.plan_order()]
+    trunks = [r for r in records if r.kind == RunKind.TRUNK]
+    branches = [r for r in records if r.kind == RunKind.BRANCH]
+    backend = SlurmBackend(api.spec.backend.config("slurm"))
+    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
+    backend.launch(sw.store, trunks, LaunchOptions())  # the trunks only: an array of 4
+    job = sw.events(trunks[0].id)[-1].job_id
+    assert job and job.endswith("_0")
+    try:
+        queued = squeue_ids()
+        dry = backend.describe(sw.store, branches, LaunchOptions())
+        assert squeue_ids() <= queued, "a dry run submitted a job"
+        (script,) = _scripts(dry)
+        base = job.split("_")[0]
+        deps = ":".join(sorted(f"{base}_{i}" for i in range(4)))
+        assert f"#SBATCH --dependency=afterok:{deps}\n" in script
+        assert "#SBATCH --kill-on-invalid-dep=yes\n" in script
+        assert "#SBATCH --array=0-3%2\n" in script  # half of 4: the live array keeps the rest
+        assert f"would set ArrayTaskThrottle=2 on live array {base}" in dry
+    finally:
+        subprocess.run(["scancel", job.split("_")[0]], check=False)
 
 
 @on_cluster
-def test_scancelled_job_shows_cancelled_and_resume_continues_from_checkpoint(
+def test_scontrol_requeue_keeps_the_run_submitted_and_runs_it_once(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
     text = spec_text(
-        "scancel",
+        "requeue",
         horizon=128_000,
         lrs="[0.0078125]",
         batches="[4]",
         tokens=1_000_000,
         train="checkpoint_every = 25",
     )
-    sw = SlurmSweep(tmp_path, env, "scancel", text)
+    sw = SlurmSweep(tmp_path, env, "requeue", text)
     sw.cli("launch", str(sw.spec))
     (rid,) = sw.store.run_ids()
     rd = sw.store.run_dir(rid)
-    wait_for(lambda: logged_steps(rd) >= 60, 180, "the run to pass step 60")
-    job = sw.events(rid)[-1]["job_id"]
-    subprocess.run(["scancel", job], check=True)
-    states = sw.wait(all_in("cancelled"), timeout=60)
-    assert sw.store.status(rid).reason and job in sw.store.status(rid).reason
-    assert accounting({job})[job]["State"] == "CANCELLED"
-    sw.cli("resume", sw.name)
-    states = sw.wait(all_in("completed"))
+    wait_for(lambda: logged_steps(rd) >= 40, 180, "the run to pass step 40")
+    job = sw.events(rid)[-1].job_id
+    assert job
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    wait_for(lambda: sw.events(rid)[-1].exit_code == 75, 60, "the worker to record the requeue")
+    last = sw.events(rid)[-1]
+    assert last.state == RunState.SUBMITTED and last.job_id == job, last
+    # resume right now must not start the run a second time
+    resumed = sw.cli("resume", sw.name)
+    assert sw.events(rid)[-1] == last, resumed.stdout
+    assert sw.states() == {rid: "submitted"}
+    states = sw.wait(all_in("completed"), timeout=300)
     assert states == {rid: "completed"}
+    events = sw.events(rid)
+    assert [e.state.value for e in events].count("completed") == 1
+    running = [e for e in events if e.state == RunState.RUNNING]
+    assert len(running) == 2 and {e.job_id for e in running} == {job}
     err = (rd / "stderr.log").read_text()
-    # scancel sends SIGTERM: the trainer checkpoints where it is and the resume starts there
-    assert steps_after(err, "SIGTERM: checkpointed at step ") == steps_after(
-        err, "resuming at step "
-    )
-    assert len(steps_after(err, "resuming at step ")) == 1
-    assert steps_after(err, "resuming at step ")[0] >= 60
-    kinds = [e["state"] for e in sw.events(rid)]
-    assert kinds.count("completed") == 1 and "cancelled" in kinds
+    (ckpt,) = steps_after(err, "SIGTERM: checkpointed at step ")
+    assert steps_after(err, "resuming at step ") == [ckpt]
 
 
 @on_cluster
@@ -251,32 +450,23 @@ def test_preempted_run_requeues_and_matches_an_uninterrupted_run(
     cpus = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout
     # a job in the higher-priority partition that needs every CPU preempts ours (USR2, requeue)
     subprocess.run(
-        [
-            "sbatch",
-            "-p",
-            "high",
-            "-c",
-            cpus.split()[0].strip("+"),
-            "-o",
-            "/dev/null",
-            "--wrap",
-            "sleep 1",
-        ],
+        ["sbatch", "-p", "high", "-c", cpus.split()[0].strip("+"), "-o", "/dev/null"]
+        + ["--wrap", "sleep 1"],
         check=True,
         capture_output=True,
     )
     states = sw.wait(all_in("completed"), timeout=300)
     assert states == {rid: "completed"}
     events = sw.events(rid)
-    requeued = [e for e in events if e["state"] == "submitted" and e.get("exit_code") == 75]
+    requeued = [e for e in events if e.state == RunState.SUBMITTED and e.exit_code == 75]
     assert requeued, events
-    assert [e["state"] for e in events].count("completed") == 1
+    assert [e.state for e in events].count(RunState.COMPLETED) == 1
     err = (rd / "stderr.log").read_text()
     assert "SIGUSR2: checkpointed at step" in err and "resuming at step" in err
     # the same run, uninterrupted, in another directory
     ref = tmp_path / "reference"
     proc = subprocess.run(
-        [sys.executable, "-m", "trainer", "--run", str(rd / "run.json"), "--out", str(ref)],
+        [sys.executable, "-m", "trainer", "--run", str(rd / "trial.json"), "--out", str(ref)],
         capture_output=True,
         text=True,
         env=env,
@@ -289,66 +479,64 @@ def test_preempted_run_requeues_and_matches_an_uninterrupted_run(
 
 
 @on_cluster
-def test_failing_trial_shows_failed_with_stderr_tail(tmp_path: Path, env: dict[str, str]) -> None:
-    # a corpus too small for the horizon: the trainer rejects the run at start
-    text = spec_text("fails", horizon=64_000, lrs="[0.0078125]", batches="[4]", tokens=20_000)
-    sw = SlurmSweep(tmp_path, env, "fails", text)
+def test_scancelled_job_shows_cancelled_and_resume_continues_from_checkpoint(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    text = spec_text(
+        "scancel",
+        horizon=128_000,
+        lrs="[0.0078125]",
+        batches="[4]",
+        tokens=1_000_000,
+        train="checkpoint_every = 25",
+    )
+    sw = SlurmSweep(tmp_path, env, "scancel", text)
     sw.cli("launch", str(sw.spec))
-    states = sw.wait(all_in("failed"))
-    (rid,) = states
-    last = sw.events(rid)[-1]
-    assert last["exit_code"] == 2 and "too small" in last["stderr_tail"]
-    job = last["job_id"]
-    wait_for(lambda: accounting({job}).get(job, {}).get("State") == "FAILED", 30, "sacct FAILED")
-    assert sw.cli("status", sw.name, check=False).returncode == 1
+    (rid,) = sw.store.run_ids()
+    rd = sw.store.run_dir(rid)
+    wait_for(lambda: logged_steps(rd) >= 60, 180, "the run to pass step 60")
+    job = sw.events(rid)[-1].job_id
+    assert job
+    subprocess.run(["scancel", job], check=True)
+    sw.wait(all_in("cancelled"), timeout=60)
+    reason = sw.store.status(rid).reason
+    assert reason and job in reason and "CANCELLED" in reason
+    assert accounting({job})[job]["State"] == "CANCELLED"
+    sw.cli("resume", sw.name)
+    assert sw.wait(all_in("completed")) == {rid: "completed"}
+    err = (rd / "stderr.log").read_text()
+    # scancel sends SIGTERM: the trainer checkpoints where it is and the resume starts there
+    (resumed,) = steps_after(err, "resuming at step ")
+    assert steps_after(err, "SIGTERM: checkpointed at step ") == [resumed] and resumed >= 60
+
+
+@on_cluster
+def test_packed_runs_share_jobs_and_arrays_are_chunked(tmp_path: Path, env: dict[str, str]) -> None:
+    # MaxArraySize 1 forces one job per pack: 4 runs -> 2 packs -> 2 plain jobs
+    text = spec_text("packed", backend_table="runs_per_job = 2\nmax_array_size = 1")
+    sw = SlurmSweep(tmp_path, env, "packed", text)
+    assert max_array_size() >= 2  # read from `scontrol show config`
+    sw.cli("launch", str(sw.spec))
+    states = sw.wait(all_in("completed"))
+    jobs = {rid: sw.events(rid)[-1].job_id for rid in states}
+    assert sorted(Counter(jobs.values()).values()) == [2, 2]
+    assert all(j and "_" not in j for j in jobs.values())  # chunks of one pack are plain jobs
 
 
 @on_cluster
 def test_job_dying_before_its_trial_is_reconciled_from_sacct(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
-    text = spec_text("broken", lrs="[0.0078125]", batches="[4]")
-    spec = tmp_path / "broken.toml"
-    spec.write_text(text)
-    prep = prepare_sweep(spec, tmp_path / "results")
-    ids = select_runs(prep.store)
-    SlurmBackend(python="/nonexistent/python3").launch(prep.store, ids, LaunchOptions())
-    sw = SlurmSweep(tmp_path, env, "broken", text)
-    sw.wait(all_in("failed"), timeout=120)
-    st = sw.store.status(ids[0])
-    assert "FAILED" in st.reason and st.last_event["job_id"] in st.reason
-    assert "/nonexistent/python3" in st.last_event["stderr_tail"]
-
-
-@on_cluster
-def test_sweeper_cancel_stops_running_and_queued_runs(tmp_path: Path, env: dict[str, str]) -> None:
     text = spec_text(
-        "cancel",
-        horizon=128_000,
-        lrs="[0.0078125]",
-        batches="[4, 8]",
-        tokens=1_000_000,
-        resources="array_parallelism = 1",
-        train="checkpoint_every = 25",
+        "broken", lrs="[0.0078125]", batches="[4]", backend_table='python = "/nonexistent/python3"'
     )
-    sw = SlurmSweep(tmp_path, env, "cancel", text)
+    sw = SlurmSweep(tmp_path, env, "broken", text)
     sw.cli("launch", str(sw.spec))
-    wait_for(
-        lambda: any(logged_steps(sw.store.run_dir(r)) >= 10 for r in sw.store.run_ids()),
-        180,
-        "one run to start",
-    )
-    sw.cli("cancel", sw.name)
-    states = sw.wait(all_in("cancelled"), timeout=60)
-    assert len(states) == 2
-
-    def queue_empty() -> bool:
-        cmd = ["squeue", "-h", "-n", "sweeper-cancel"]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        return out.stdout.strip() == ""
-
-    # a cancelled job passes through COMPLETING (CG) while slurmd cleans up
-    wait_for(queue_empty, 60, "the cancelled jobs to leave the queue")
+    (rid,) = sw.wait(all_in("failed"), timeout=120)
+    st = sw.store.status(rid)
+    assert st.last_event and st.last_event.job_id and st.reason
+    assert "FAILED" in st.reason and st.last_event.job_id in st.reason
+    assert "/nonexistent/python3" in (st.last_event.stderr_tail or "")
 
 
 @on_cluster
@@ -359,7 +547,8 @@ def test_two_rank_run_uses_torchrun_inside_one_allocation(
     sw = SlurmSweep(tmp_path, env, "ddp", text)
     sw.cli("launch", str(sw.spec))
     (rid,) = sw.wait(all_in("completed"))
-    job = sw.events(rid)[-1]["job_id"]
+    job = sw.events(rid)[-1].job_id
+    assert job
     cpus = subprocess.run(
         ["sacct", "-X", "-n", "-P", "-o", "AllocCPUS", "-j", job], capture_output=True, text=True
     ).stdout.split()
@@ -372,12 +561,12 @@ def test_two_rank_run_uses_torchrun_inside_one_allocation(
 def test_bad_partition_is_a_one_line_error_and_submits_nothing(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
-    text = spec_text("nopart", lrs="[0.0078125]", batches="[4]", resources='partition = "nope"')
+    text = spec_text("nopart", lrs="[0.0078125]", batches="[4]", backend_table='partition = "nope"')
     sw = SlurmSweep(tmp_path, env, "nopart", text)
     proc = sw.cli("launch", str(sw.spec), check=False)
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    assert "spec.toml: resources.partition = 'nope': no such partition" in proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "spec.toml: backend.slurm.partition = 'nope': no such partition" in error
     assert [sw.store.status(r).state.value for r in sw.store.run_ids()] == ["planned"]
 
 
@@ -392,41 +581,3 @@ def test_cluster_script_start_is_idempotent_while_running() -> None:
     assert again.returncode == 0, again.stderr
     after = subprocess.run(["bash", str(script), "status"], capture_output=True, text=True)
     assert after.stdout.splitlines()[:5] == before.stdout.splitlines()[:5]  # same daemon pids
-
-
-@on_cluster
-def test_job_killed_without_warning_resumes_from_the_periodic_checkpoint(
-    tmp_path: Path, env: dict[str, str]
-) -> None:
-    text = spec_text(
-        "sigkill",
-        horizon=128_000,
-        lrs="[0.0078125]",
-        batches="[4]",
-        tokens=1_000_000,
-        train="checkpoint_every = 25",
-    )
-    sw = SlurmSweep(tmp_path, env, "sigkill", text)
-    sw.cli("launch", str(sw.spec))
-    (rid,) = sw.store.run_ids()
-    rd = sw.store.run_dir(rid)
-    wait_for(lambda: logged_steps(rd) >= 60, 180, "the run to pass step 60")
-    running = sw.events(rid)[-1]
-    job = running["job_id"]
-    # Like a node failure: worker and trainer die at once and nothing can checkpoint. The trainer
-    # is frozen first so that the SIGTERM it gets when its parent dies is never handled.
-    trainer = int((rd / "trainer.pid").read_text())
-    os.kill(trainer, signal.SIGSTOP)
-    os.kill(int(running["pid"]), signal.SIGKILL)
-    os.kill(trainer, signal.SIGKILL)
-    states = sw.wait(lambda s: s.get(rid) in ("failed", "cancelled"), timeout=90)
-    st = sw.store.status(rid)
-    assert job in st.reason and sw.events(rid)[-2]["state"] == "running", sw.events(rid)
-    assert "FAILED" in st.reason
-    sw.cli("resume", sw.name)
-    states = sw.wait(all_in("completed"))
-    assert states == {rid: "completed"}
-    err = (rd / "stderr.log").read_text()
-    assert "checkpointed at step" not in err  # no signal checkpoint: the periodic one was used
-    (resumed,) = steps_after(err, "resuming at step ")
-    assert resumed >= 50 and resumed % 25 == 0

@@ -22,6 +22,7 @@ BACKENDS: dict[str, str] = {
     "local": "sweeper.backends.local",
     "slurm": "sweeper.backends.slurm",
     "ray": "sweeper.backends.ray",
+    "sim": "sweeper.backends.sim",
 }
 
 

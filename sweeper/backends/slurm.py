@@ -1,43 +1,63 @@
-"""SLURM backend through submitit: job arrays, packing, requeue on preemption, sacct reconcile.
+"""SLURM backend through submitit: job arrays, WSD chains, one sweep-wide throttle, requeue.
 
-``launch`` submits every run as a task of a job array (several tiny runs per task with
-``resources.runs_per_job``) and returns; the jobs then run :func:`sweeper.worker.run_trial` on the
-nodes. Everything later commands need lives in the sweep directory: the job id of each run in its
-``submitted`` event, submitit's pickles and logs under ``<sweep>/slurm/``.
+``launch`` submits the runs as tasks of job arrays and returns (``blocking = False``); the tasks
+then run :func:`sweeper.worker.run_trial` on the nodes. How runs are grouped into arrays and tasks,
+and how ``array_parallelism`` bounds the whole sweep, is described in
+:mod:`sweeper.backends.slurm_script`; ``describe`` prints the exact sbatch files and submits
+nothing. Everything later commands need lives in the sweep directory: each run's job id in its
+``submitted`` event, submitit's pickles, scripts and logs under ``<sweep>/slurm/``.
 
-A job is submitted held, its runs' ``submitted`` events are written, and only then is it released,
-so a fast job can never record ``running`` before the launcher recorded ``submitted``.
+Each array is submitted held (``#SBATCH --hold``), its runs' ``submitted`` events (with job ids)
+are written, and only then is it released, so a fast task can never record ``running`` before the
+launcher recorded ``submitted``.
 
-Signals: SLURM sends USR2 ``signal_delay_s`` before the time limit and on preemption
-(``preempt_send_user_signal``); the worker forwards it, the trainer checkpoints and exits 75, and
-the job requeues itself through submitit's handler; the requeued job resumes from the checkpoint.
-``scancel`` sends SIGTERM: the trainer checkpoints too, and the run ends ``cancelled``.
+Signals and requeues (the worker forwards SIGTERM/USR2 to the trainer, which checkpoints and exits
+75; the worker records the run ``submitted``, then asks SLURM what is happening):
+
+* USR2 while the job is ``RUNNING`` (time limit via ``--signal``, partition preemption with
+  ``preempt_send_user_signal``, ``scancel --signal USR2``): submitit's handler requeues the job.
+* ``scontrol requeue`` (or a preemption that requeues): SIGTERM, the job is ``COMPLETING`` and its
+  ``Restarts`` count went up (``SLURM_RESTART_COUNT`` is what it was at start). The run stays
+  ``submitted``, so ``resume`` does not start it a second time; the requeued task resumes it from
+  the checkpoint. A worker killed before recording anything leaves ``running``: ``reconcile`` sees
+  the job pending again and records ``submitted`` (reason ``requeued``).
+* ``scancel``: SIGTERM, ``sacct`` says ``CANCELLED`` and ``Restarts`` did not change: the run ends
+  ``cancelled``. When neither is certain the run stays ``submitted`` and ``reconcile`` decides
+  from ``sacct`` once the job has left the queue.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sweeper.backends import LaunchOptions
+from sweeper.backends.slurm_script import (
+    DEFAULT_MAX_ARRAY_SIZE,
+    NAME,
+    SUBMITIT_DIR,
+    ArrayJob,
+    Queue,
+    SlurmConfig,
+    Submission,
+    describe_submission,
+    plan_arrays,
+    python_command,
+)
 from sweeper.errors import BackendError
-from sweeper.store import RunState, SweepStore, read_events, try_flock
+from sweeper.records import RunEvent, RunRecord, RunState
+from sweeper.store import SweepStore
 
-NAME = "slurm"
-SUBMITIT_DIR = "slurm"  # <sweep>/slurm: submitit's folder (job pickles, sbatch files, logs)
-SIGNAL_DELAY_S = 90  # USR2 this long before the time limit: time to checkpoint
 MAX_TIMEOUT_REQUEUES = 20  # submitit's own bound on requeues after time limits
 STDERR_TAIL_CHARS = 2000
+LOCK_WAIT_S = 30.0  # a task waits this long for a run lock held by a dying trainer
 _SCHEDULER_TIMEOUT_S = 60
 
 # Scheduler states of a job that still holds or waits for resources: the worker owns the run.
@@ -74,22 +94,23 @@ FINAL_STATES = {
     "REVOKED": RunState.FAILED,
     "COMPLETED": RunState.FAILED,  # the job ended but its run has no outcome: the trial never ran
 }
+_OK = frozenset({"completed", "diverged", "stopped"})
+_IN_JOB = (RunState.SUBMITTED, RunState.RUNNING)  # last events that leave a run to its job
 
 
 # ------------------------------------------------------------------------------------ the job side
 
 
 class TrialFailed(RuntimeError):
-    """Raised at the end of a job whose runs did not all complete, so the job ends FAILED (and
-    dependent jobs, e.g. branches waiting on a trunk with ``afterok``, do not start)."""
+    """Raised at the end of a task whose runs did not all complete, so the task ends FAILED."""
 
 
 class SlurmTrial:
-    """The callable a SLURM job runs: :func:`sweeper.worker.run_trial` for each run of its pack.
+    """The callable an array task runs: :func:`sweeper.worker.run_trial` for each of its runs.
 
-    submitit treats any callable with a ``checkpoint`` method as checkpointable: on USR2 it calls
+    submitit treats a callable with a ``checkpoint`` method as checkpointable: on USR2 it calls
     ``checkpoint()`` to get what the requeued job runs, which is this same call again, because the
-    state that matters (the trainer's checkpoint) lives in the run directory.
+    state that matters (the trainer's checkpoint, the events) lives in the run directories.
 
     Args:
         sweep_dir: The sweep directory (absolute, as seen from the nodes).
@@ -106,32 +127,24 @@ class SlurmTrial:
             os.environ.setdefault("SWEEPER_RDZV_ENDPOINT", f"{env.hostnames[0]}:29500")
             if env.node > 0:
                 return _follow_runs(self.sweep_dir, run_ids)
-        return self._run_pack(run_ids, env.job_id)
+        return self._run_task(run_ids, str(env.job_id))
 
     def checkpoint(self, run_ids: list[str]) -> Any:
+        """What submitit requeues on USR2: this same call (the state is in the run dirs)."""
         import submitit
 
         return submitit.helpers.DelayedSubmission(self, run_ids)
 
-    def _run_pack(self, run_ids: list[str], job_id: str) -> list[dict[str, Any]]:
-        from sweeper.worker import run_trial
-
+    def _run_task(self, run_ids: list[str], job_id: str) -> list[dict[str, Any]]:
+        store = SweepStore(Path(self.sweep_dir))
         results = []
         for rid in run_ids:
-            res = run_trial(
-                self.sweep_dir,
-                rid,
-                backend=NAME,
-                job_id=job_id,
-                env=_thread_env(),
-                on_interrupt="requeue",
-                wait_lock_s=30.0,
-            )
+            res = _run_one(store, rid, job_id)
             results.append(res)
-            if res["state"] == RunState.SUBMITTED.value:
-                _after_interrupt(SweepStore(Path(self.sweep_dir)), run_ids, job_id)
+            if res["state"] == RunState.SUBMITTED.value and not res.get("skipped"):
+                _after_interrupt(store, run_ids, job_id)  # checkpointed on a signal
                 return results
-        bad = [r for r in results if r["state"] not in ("completed", "diverged")]
+        bad = [r for r in results if r["state"] not in _OK and not r.get("skipped")]
         if bad:
             raise TrialFailed(
                 f"{len(bad)} of {len(results)} runs did not complete: "
@@ -140,36 +153,78 @@ class SlurmTrial:
         return results
 
 
-def _thread_env() -> dict[str, str]:
-    """OMP_NUM_THREADS from the allocation, so torch does not oversubscribe the job's CPUs."""
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    if "OMP_NUM_THREADS" in os.environ or not cpus:
+def _ours(ev: RunEvent | None, job_id: str) -> bool:
+    """True if the run waits for this job: queued or running, under no other job's id."""
+    if ev is None:
+        return True
+    return ev.state in (RunState.SUBMITTED, RunState.RUNNING) and ev.job_id in (None, job_id)
+
+
+def _run_one(store: SweepStore, rid: str, job_id: str) -> dict[str, Any]:
+    """One run of a task; a branch whose trunk did not complete ends ``cancelled``."""
+    from sweeper.worker import run_trial
+
+    ev = store.status(rid).last_event
+    if not _ours(ev, job_id):
+        state = ev.state.value if ev else RunState.PLANNED.value
+        return {"run_id": rid, "state": state, "exit_code": None, "skipped": True}
+    record = store.load_record(rid)
+    if record.parent is not None:
+        parent = store.status(record.parent).state
+        if parent != RunState.COMPLETED:
+            why = f"trunk {record.parent} ended {parent.value}"
+            store.append_if(
+                rid, RunState.CANCELLED, expect=ev, backend=NAME, job_id=job_id, reason=why
+            )
+            return {"run_id": rid, "state": RunState.CANCELLED.value, "exit_code": None}
+    return run_trial(
+        store.root,
+        rid,
+        backend=NAME,
+        job_id=job_id,
+        env=_thread_env(record),
+        on_interrupt=RunState.SUBMITTED,
+        wait_lock_s=LOCK_WAIT_S,
+    )
+
+
+def _thread_env(record: RunRecord) -> dict[str, str]:
+    """OMP_NUM_THREADS per rank from the allocation, so torch does not oversubscribe the CPUs."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if "OMP_NUM_THREADS" in os.environ or not cpus.isdigit():
         return {}
-    return {"OMP_NUM_THREADS": cpus}
+    return {"OMP_NUM_THREADS": str(max(1, int(cpus) // record.resources.procs_per_node))}
 
 
 def _after_interrupt(store: SweepStore, run_ids: list[str], job_id: str) -> None:
-    """The trainer checkpointed on a signal: requeue the job, unless SLURM is ending it."""
-    state = scontrol_job_state(job_id)
-    if state in ("RUNNING", None):
+    """The trainer checkpointed on a signal and the run is ``submitted``: requeue the job (USR2),
+    leave it to SLURM's requeue, or record ``cancelled`` after an ``scancel``."""
+    info = job_info(job_id)
+    start = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    restarts = int(info.get("Restarts") or 0)
+    if restarts > start or info.get("JobState") in REQUEUE_STATES:
+        return  # scontrol requeue / preemption: SLURM restarts the task, the run stays submitted
+    if info.get("JobState") == "RUNNING":
         # USR2 (time limit, preemption, `scancel --signal USR2`). Hand over to submitit's handler
         # (the worker restored it): it calls checkpoint(), requeues the job and exits, counting
         # time limits against MAX_TIMEOUT_REQUEUES.
         os.kill(os.getpid(), signal.SIGUSR2)
         time.sleep(5)
         return
-    if state in REQUEUE_STATES:
-        return  # SLURM requeues it itself (preemption, `scontrol requeue`): stays `submitted`
-    # scancel (COMPLETING, then CANCELLED): the worker recorded `submitted`, expecting a requeue.
+    acct = accounting({job_id}).get(job_id, {})
+    if acct.get("State") != "CANCELLED":
+        return  # not certain: reconcile decides from sacct once the job has left the queue
     for rid in run_ids:
-        append_if_unchanged(
-            store,
-            rid,
-            RunState.CANCELLED,
-            backend=NAME,
-            job_id=job_id,
-            reason=f"slurm job {job_id} ended ({state}) after a checkpoint",
-        )
+        ev = store.status(rid).last_event
+        if ev is not None and ev.state == RunState.SUBMITTED and ev.job_id == job_id:
+            store.append_if(
+                rid,
+                RunState.CANCELLED,
+                expect=ev,
+                backend=NAME,
+                job_id=job_id,
+                reason=f"slurm job {job_id} {acct.get('FullState', 'CANCELLED')}",
+            )
 
 
 def _follow_runs(sweep_dir: str, run_ids: list[str]) -> list[dict[str, Any]]:
@@ -177,16 +232,20 @@ def _follow_runs(sweep_dir: str, run_ids: list[str]) -> list[dict[str, Any]]:
 
     Rank 0 records events; the others only take part in the rendezvous.
     """
-    from sweeper.worker import trainer_command
+    from sweeper.worker import TRIAL_FILE, trainer_command
 
     store = SweepStore(Path(sweep_dir))
-    results = []
+    results: list[dict[str, Any]] = []
     for rid in run_ids:
         if store.status(rid).state == RunState.COMPLETED:
             continue
         rd = store.run_dir(rid)
-        cmd = trainer_command(store.load_record(rid), rd / "run.json", rd)
-        code = subprocess.call(cmd, env={**os.environ, **_thread_env()})
+        record = store.load_record(rid)
+        deadline = time.monotonic() + 60
+        while not (rd / TRIAL_FILE).exists() and time.monotonic() < deadline:
+            time.sleep(0.5)  # rank 0 writes the resolved config first
+        cmd = trainer_command(record, rd / TRIAL_FILE, rd)
+        code = subprocess.call(cmd, env={**os.environ, **_thread_env(record)})
         results.append({"run_id": rid, "exit_code": code})
         if code == 75:
             break
@@ -208,7 +267,7 @@ def _run(cmd: list[str], check: bool = True) -> str:
     except subprocess.TimeoutExpired:
         raise BackendError(f"slurm: {' '.join(cmd)} timed out") from None
     if check and proc.returncode != 0:
-        msg = (proc.stderr or proc.stdout).strip().replace("\n", " ")
+        msg = " ".join((proc.stderr or proc.stdout).split())
         raise BackendError(f"slurm: {' '.join(cmd)} failed: {msg}")
     return proc.stdout
 
@@ -217,30 +276,27 @@ def max_array_size() -> int:
     """The cluster's ``MaxArraySize`` (array indices must stay below it)."""
     out = _run(["scontrol", "show", "config"])
     match = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.M)
-    return int(match.group(1)) if match else 1001
+    return int(match.group(1)) if match else DEFAULT_MAX_ARRAY_SIZE
 
 
-def check_partitions(store: SweepStore, records: Any) -> None:
-    """BackendError naming the spec key and value if a run asks for a partition SLURM lacks."""
-    wanted = {(r.get("resources") or {}).get("partition") for r in records} - {None, ""}
-    if not wanted:
+def check_partition(store: SweepStore, cfg: SlurmConfig) -> None:
+    """BackendError naming the spec key and value if the partition does not exist."""
+    if not cfg.partition:
         return
     known = {p.rstrip("*") for p in _run(["sinfo", "-h", "-o", "%P"]).split()}
-    for name in sorted(wanted - known):
+    if cfg.partition not in known:
         raise BackendError(
-            f"{store.root / 'spec.toml'}: resources.partition = {name!r}: no such "
+            f"{store.root / 'spec.toml'}: backend.slurm.partition = {cfg.partition!r}: no such "
             f"partition on this cluster (known: {', '.join(sorted(known))})"
         )
 
 
-def scontrol_job_state(job_id: str) -> str | None:
-    """``JobState`` of one job from slurmctld (None if it is not known there any more)."""
+def job_info(job_id: str) -> dict[str, str]:
+    """``scontrol show job`` fields of one job (empty if slurmctld no longer knows it)."""
     with contextlib.suppress(BackendError):
         out = _run(["scontrol", "-o", "show", "job", job_id])
-        match = re.search(r"\bJobState=(\S+)", out)
-        if match:
-            return match.group(1)
-    return None
+        return dict(re.findall(r"(\w+)=(\S*)", out))
+    return {}
 
 
 def queue_states(job_ids: set[str]) -> dict[str, str]:
@@ -259,7 +315,8 @@ def queue_states(job_ids: set[str]) -> dict[str, str]:
 def accounting(job_ids: set[str]) -> dict[str, dict[str, str]]:
     """Final accounting of jobs from ``sacct`` (latest record per job), keyed by id.
 
-    Each value has ``State`` (first word, e.g. ``CANCELLED``), ``ExitCode`` and ``Reason``.
+    Each value has ``State`` (first word, e.g. ``CANCELLED``), ``FullState``, ``ExitCode`` and
+    ``Reason``.
     """
     if not job_ids:
         return {}
@@ -282,51 +339,6 @@ def accounting(job_ids: set[str]) -> dict[str, dict[str, str]]:
     return info
 
 
-# ------------------------------------------------------------------------------- store utilities
-
-
-@contextlib.contextmanager
-def run_lock(store: SweepStore, run_id: str) -> Iterator[bool]:
-    """Try the run's lock without waiting; yields False while a worker (or its trainer) holds it."""
-    with open(store.run_dir(run_id) / ".lock", "a+b") as f:
-        got = try_flock(f.fileno(), 0)
-        try:
-            yield got
-        finally:
-            if got:
-                import fcntl
-
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def append_if_unchanged(
-    store: SweepStore,
-    run_id: str,
-    state: RunState,
-    expect: dict[str, Any] | None = None,
-    **fields: Any,
-) -> bool:
-    """Append ``state`` unless a worker holds the run or its last event changed.
-
-    ``expect`` is the last event the caller decided on (None: any non-final one). Taking the run's
-    lock first means a worker cannot append an outcome between the check and this append.
-
-    Returns:
-        True if the event was appended.
-    """
-    with run_lock(store, run_id) as got:
-        if not got:
-            return False
-        events = read_events(store.run_dir(run_id))
-        last = events[-1] if events else {}
-        if expect is not None and last != expect:
-            return False
-        if RunState(last.get("state", "planned")).is_finished() and expect is None:
-            return False
-        store.append_event(run_id, state, **fields)
-        return True
-
-
 def _tail(path: Path) -> str:
     try:
         with open(path, "rb") as f:
@@ -336,249 +348,209 @@ def _tail(path: Path) -> str:
         return ""
 
 
-# ----------------------------------------------------------------------------------- submission
-
-
-def sbatch_parameters(resources: dict[str, Any], job_name: str) -> dict[str, Any]:
-    """submitit ``SlurmExecutor`` parameters (sbatch names) for a run's ``resources``.
-
-    One task per node: the worker starts torchrun for ``procs_per_node`` ranks inside it, so the
-    task gets the CPUs of all of them.
-    """
-    procs = int(resources.get("procs_per_node", 1))
-    params: dict[str, Any] = {
-        "job_name": job_name,
-        "nodes": int(resources.get("nodes", 1)),
-        "ntasks_per_node": 1,
-        "cpus_per_task": int(resources.get("cpus_per_task", 1)) * procs,
-        "mem": _mem(float(resources.get("mem_gb", 8.0))),
-        "time": int(resources.get("time_min", 60)),
-        "signal_delay_s": SIGNAL_DELAY_S,
-        "array_parallelism": int(resources.get("array_parallelism", 64)),
-        # requeueable even where the cluster's JobRequeue default is 0
-        "additional_parameters": {"requeue": True, **(resources.get("sbatch_extra") or {})},
-    }
-    if int(resources.get("gpus_per_node", 0)) > 0:
-        params["gpus_per_node"] = int(resources["gpus_per_node"])
-    for key in ("partition", "account", "qos", "constraint"):
-        if resources.get(key):
-            params[key] = resources[key]
-    return params
-
-
-def _mem(gb: float) -> str:
-    return f"{int(gb)}GB" if gb == int(gb) else f"{int(gb * 1024)}MB"
-
-
-def packs(run_ids: list[str], runs_per_job: int) -> list[list[str]]:
-    """Split runs into consecutive packs of at most ``runs_per_job``."""
-    n = max(1, runs_per_job)
-    return [run_ids[i : i + n] for i in range(0, len(run_ids), n)]
-
-
-def chunks(items: list[Any], size: int) -> list[list[Any]]:
-    """Split ``items`` into consecutive chunks of at most ``size`` (one job array each)."""
-    size = max(1, size)
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _group_key(record: dict[str, Any]) -> str:
-    return json.dumps(record.get("resources") or {}, sort_keys=True)
+# ----------------------------------------------------------------------------------- the backend
 
 
 class SlurmBackend:
-    """Runs go out as submitit job arrays; see the module docstring.
+    """Runs go out as submitit job arrays; see the module docstring and ``slurm_script``."""
 
-    Args:
-        python: Command that starts Python on the nodes (default: this interpreter).
-        max_array_size: Override of the cluster's ``MaxArraySize`` (read with ``scontrol``).
-    """
+    name: ClassVar[str] = NAME
+    blocking: ClassVar[bool] = False
+    Config: ClassVar[type[SlurmConfig]] = SlurmConfig
 
-    name = NAME
-
-    def __init__(
-        self, python: str | None = None, max_array_size: int | None = None, **_: Any
-    ) -> None:
-        self.python = python
-        self._max_array_size = max_array_size
+    def __init__(self, config: SlurmConfig | None = None) -> None:
+        self.config = config or SlurmConfig()
 
     # ---- launch
-    def launch(self, store: SweepStore, runs: list[str], opts: LaunchOptions) -> None:
+    def launch(self, store: SweepStore, runs: list[RunRecord], opts: LaunchOptions) -> None:
         """Submit ``runs`` and return once SLURM has them (``submitted`` events carry job ids)."""
         if not runs:
             return
-        records = {rid: store.load_record(rid) for rid in runs}
-        if opts.dry_run:
-            self._print_plan(store, runs, records)
-            return
-        check_partitions(store, records.values())
-        limit = self._max_array_size or max_array_size()
-        submitted: dict[str, str] = {}  # run id -> job id, for branches waiting on trunks
-        for dependency, group in self._groups(store, runs, records, submitted):
-            for resources, ids in group.items():
-                self._submit_group(
-                    store, ids, json.loads(resources), records, opts, limit, dependency, submitted
-                )
+        self._check_tools()
+        check_partition(store, self.config)
+        sub = self._submission(store, runs, opts)
+        for rid, why in sub.refused.items():
+            store.append_if(rid, RunState.CANCELLED, backend=NAME, reason=why)
+        for jid, throttle in sub.retune.items():
+            _run(["scontrol", "update", f"JobId={jid}", f"ArrayTaskThrottle={throttle}"])
+        for i, array in enumerate(sub.arrays):
+            try:
+                self._submit(store, array)
+            except BackendError as e:
+                for later in sub.arrays[i:]:
+                    for rid in (rid for task in later.tasks for rid in task):
+                        store.append_if(rid, RunState.FAILED, backend=NAME, reason=str(e))
+                raise
 
-    def _groups(
-        self,
-        store: SweepStore,
-        runs: list[str],
-        records: dict[str, dict[str, Any]],
-        submitted: dict[str, str],
-    ) -> Iterator[tuple[str | None, dict[str, list[str]]]]:
-        """Runs grouped by dependency (the parent trunk's job) and resources, trunks first."""
-        free: dict[str, list[str]] = {}
-        waiting: dict[str, list[str]] = {}
-        for rid in runs:
-            parent = records[rid].get("parent")
-            if parent and store.status(parent).state != RunState.COMPLETED:
-                waiting.setdefault(parent, []).append(rid)
-            else:
-                free.setdefault(_group_key(records[rid]), []).append(rid)
-        if free:
-            yield None, free
-        for parent, ids in waiting.items():
-            job = submitted.get(parent) or self._parent_job(store, parent)
-            if job is None:
-                print(
-                    f"slurm: not submitting {len(ids)} branch run(s) of {parent}: it is "
-                    f"{store.status(parent).state.value} and not in this launch",
-                    file=sys.stderr,
-                )
+    def describe(self, store: SweepStore, runs: list[RunRecord], opts: LaunchOptions) -> str:
+        """The exact sbatch scripts :meth:`launch` would submit; submits and writes nothing."""
+        from sweeper.worker import TRIAL_FILE, trainer_command
+
+        if not runs:
+            return "slurm: nothing to submit"
+        sub = self._submission(store, runs, opts)
+
+        def line(record: RunRecord) -> list[str]:
+            rd = store.run_dir(record.id).resolve()
+            return trainer_command(record, rd / TRIAL_FILE, rd)
+
+        folder = store.root.resolve() / SUBMITIT_DIR
+        records = {r.id: r for r in runs}
+        return describe_submission(sub, records, folder, python_command(self.config), line)
+
+    def _submission(
+        self, store: SweepStore, runs: list[RunRecord], opts: LaunchOptions
+    ) -> Submission:
+        launching = {r.id for r in runs}
+        statuses = store.statuses()
+        completed = frozenset(r for r, st in statuses.items() if st.state == RunState.COMPLETED)
+        parent_jobs: dict[str, str] = {}
+        live: set[str] = set()
+        for rid, st in statuses.items():
+            ev = st.last_event
+            if rid in launching or ev is None or ev.backend != NAME or not ev.job_id:
                 continue
-            group: dict[str, list[str]] = {}
-            for rid in ids:
-                group.setdefault(_group_key(records[rid]), []).append(rid)
-            yield job, group
+            if ev.state in (RunState.SUBMITTED, RunState.RUNNING):
+                parent_jobs[rid] = ev.job_id
+                live.add(ev.job_id)
+        queue = Queue(
+            completed=completed,
+            parent_jobs=parent_jobs,
+            parent_states={r: st.state.value for r, st in statuses.items()},
+            **self._live(live),
+        )
+        return plan_arrays(
+            runs,
+            self.config,
+            f"sweeper-{store.root.name}",
+            parallel=opts.max_parallel or self.config.array_parallelism,
+            max_array=self._max_array_size(),
+            queue=queue,
+        )
+
+    def _live(self, job_ids: set[str]) -> dict[str, Any]:
+        """The sweep's arrays (unfinished tasks each) and plain jobs still in the queue."""
+        if not job_ids or shutil.which("squeue") is None:
+            return {}
+        arrays: dict[str, int] = {}
+        jobs = 0
+        for jid in queue_states(job_ids):
+            base, sep, _ = jid.partition("_")
+            if sep:
+                arrays[base] = arrays.get(base, 0) + 1
+            else:
+                jobs += 1
+        return {"live_arrays": arrays, "live_jobs": jobs}
+
+    def _max_array_size(self) -> int:
+        if self.config.max_array_size:
+            return self.config.max_array_size
+        if shutil.which("scontrol") is None:
+            return DEFAULT_MAX_ARRAY_SIZE
+        return max_array_size()
 
     @staticmethod
-    def _parent_job(store: SweepStore, parent: str) -> str | None:
-        st = store.status(parent)
-        if st.state.is_active() and st.last_event.get("backend") == NAME:
-            return st.last_event.get("job_id")
-        return None
-
-    def _executor(self, store: SweepStore) -> Any:
+    def _check_tools() -> None:
         try:
-            import submitit
+            import submitit  # noqa: F401
         except ImportError as e:
             raise BackendError(
                 f"slurm: submitit is not installed ({e}); pip install submitit"
             ) from None
         if shutil.which("sbatch") is None:
             raise BackendError("slurm: sbatch not found on PATH (is this a SLURM login node?)")
+
+    def _submit(self, store: SweepStore, array: ArrayJob) -> None:
+        """sbatch one array (held), record its runs ``submitted`` with their job ids, release."""
+        import submitit
+
         folder = store.root.resolve() / SUBMITIT_DIR
-        return submitit.SlurmExecutor(
-            folder=folder, python=self.python, max_num_timeout=MAX_TIMEOUT_REQUEUES
+        executor = submitit.SlurmExecutor(
+            folder=folder, python=self.config.python, max_num_timeout=MAX_TIMEOUT_REQUEUES
         )
-
-    def _submit_group(
-        self,
-        store: SweepStore,
-        ids: list[str],
-        resources: dict[str, Any],
-        records: dict[str, dict[str, Any]],
-        opts: LaunchOptions,
-        limit: int,
-        dependency: str | None,
-        submitted: dict[str, str],
-    ) -> None:
-        params = sbatch_parameters(resources, f"sweeper-{store.root.name}")
-        parallel = int(opts.extra.get("array_parallelism") or 0)
-        if parallel > 0:
-            params["array_parallelism"] = parallel
-        params["additional_parameters"]["hold"] = True
-        if dependency:
-            params["additional_parameters"]["dependency"] = f"afterok:{dependency}"
-            params["additional_parameters"]["kill-on-invalid-dep"] = "yes"
+        executor.update_parameters(**array.parameters())
         trial = SlurmTrial(str(store.root.resolve()))
-        for chunk in chunks(packs(ids, int(resources.get("runs_per_job", 1))), limit):
-            executor = self._executor(store)
-            executor.update_parameters(**params)
-            try:
-                jobs = executor.map_array(trial, chunk)
-            except Exception as e:  # submitit raises plain errors carrying sbatch's message
-                msg = str(e).strip().splitlines()
-                raise BackendError(f"slurm: submission failed: {msg[-1] if msg else e}") from None
-            for job, pack in zip(jobs, chunk, strict=True):
-                for rid in pack:
+        try:
+            jobs = executor.map_array(trial, array.tasks)
+        except Exception as e:  # submitit raises plain errors carrying sbatch's message
+            msg = str(e).strip().splitlines()
+            raise BackendError(f"slurm: submission failed: {msg[-1] if msg else e}") from None
+        base = jobs[0].job_id.split("_")[0]
+        try:
+            for job, task in zip(jobs, array.tasks, strict=True):
+                for rid in task:
                     store.append_event(rid, RunState.SUBMITTED, backend=NAME, job_id=job.job_id)
-                    submitted[rid] = job.job_id
-            _run(["scontrol", "release", jobs[0].job_id.split("_")[0]])
-
-    def _print_plan(self, store: SweepStore, runs: list[str], records: dict[str, Any]) -> None:
-        for rid in runs:
-            params = sbatch_parameters(
-                records[rid].get("resources") or {}, f"sweeper-{store.root.name}"
-            )
-            print(f"slurm: would submit {rid}: {json.dumps(params, sort_keys=True)}")
+        except BaseException:
+            _run(["scancel", base], check=False)
+            raise
+        _run(["scontrol", "release", base])
 
     # ---- reconcile
     def reconcile(self, store: SweepStore) -> None:
-        """Record the outcome of runs whose SLURM job ended without the worker recording one."""
-        candidates: dict[str, dict[str, Any]] = {}
+        """Record what happened to runs whose job ended (or was requeued) without the worker
+        recording it."""
+        candidates: dict[str, RunEvent] = {}
         for rid, st in store.statuses().items():
             ev = st.last_event
-            if (
-                ev.get("backend") == NAME
-                and ev.get("job_id")
-                and ev["state"] in (RunState.SUBMITTED.value, RunState.RUNNING.value)
-            ):
+            if ev is not None and ev.backend == NAME and ev.job_id and ev.state in _IN_JOB:
                 candidates[rid] = ev
         if not candidates:
             return
-        jobs = {ev["job_id"] for ev in candidates.values()}
+        jobs = {ev.job_id for ev in candidates.values() if ev.job_id}
         queued = queue_states(jobs)
         acct = accounting(jobs - set(queued))
         for rid, ev in candidates.items():
-            jid = ev["job_id"]
-            if jid in queued and queued[jid] in ACTIVE_STATES:
+            jid = str(ev.job_id)
+            if jid in queued:
+                if ev.state == RunState.RUNNING and queued[jid] in REQUEUE_STATES:
+                    why = f"requeued: slurm job {jid} is {queued[jid]} again"
+                    store.append_if(
+                        rid, RunState.SUBMITTED, expect=ev, backend=NAME, job_id=jid, reason=why
+                    )
                 continue
             info = acct.get(jid)
-            if info is None or info["State"] in ACTIVE_STATES or info["State"] not in FINAL_STATES:
+            if info is None or info["State"] not in FINAL_STATES:
                 continue
             self._record_final(store, rid, ev, jid, info)
 
+    @staticmethod
     def _record_final(
-        self, store: SweepStore, rid: str, ev: dict[str, Any], jid: str, info: dict[str, str]
+        store: SweepStore, rid: str, ev: RunEvent, jid: str, info: dict[str, str]
     ) -> None:
         state = FINAL_STATES[info["State"]]
         reason = f"slurm job {jid} {info['FullState']} (exit {info['ExitCode']})"
+        if info["Reason"] not in ("", "None"):
+            reason += f": {info['Reason']}"
         if info["State"] == "COMPLETED":
             reason += " without recording an outcome"
         fields: dict[str, Any] = {"backend": NAME, "job_id": jid, "reason": reason}
         if state == RunState.FAILED:
             fields["stderr_tail"] = _tail(store.root / SUBMITIT_DIR / f"{jid}_0_log.err")
-        append_if_unchanged(store, rid, state, expect=ev, **fields)
+        store.append_if(rid, state, expect=ev, **fields)
 
     # ---- cancel
     def cancel(self, store: SweepStore, run_ids: list[str]) -> None:
         """``scancel`` the jobs of ``run_ids``. Queued runs are recorded ``cancelled`` here; a
-        running one is recorded by its job once its trainer has checkpointed.
+        running one is recorded by its task once its trainer has checkpointed.
 
-        A packed job runs several runs: cancelling one cancels the whole job.
+        A task runs a unit of runs (a trunk and its branches, or a pack): cancelling one run
+        cancels its whole task, and every run of it still queued is recorded ``cancelled``.
         """
-        jobs: dict[str, list[str]] = {}
+        jobs: set[str] = set()
         for rid in run_ids:
-            st = store.status(rid)
-            if st.state.is_active() and st.last_event.get("backend") == NAME:
-                jid = st.last_event.get("job_id")
-                if jid:
-                    jobs.setdefault(jid, []).append(rid)
+            ev = store.status(rid).last_event
+            if ev is not None and ev.backend == NAME and ev.job_id and ev.state in _IN_JOB:
+                jobs.add(ev.job_id)
         if not jobs:
             return
         _run(["scancel", *sorted(jobs)])
-        for jid, ids in jobs.items():
-            for rid in ids:
-                ev = store.status(rid).last_event
-                if ev.get("state") == RunState.SUBMITTED.value:
-                    append_if_unchanged(
-                        store,
-                        rid,
-                        RunState.CANCELLED,
-                        expect=ev,
-                        backend=NAME,
-                        job_id=jid,
-                        reason=f"slurm job {jid} cancelled",
-                    )
+        for rid, st in store.statuses().items():
+            ev = st.last_event
+            if ev is not None and ev.state == RunState.SUBMITTED and ev.job_id in jobs:
+                why = f"slurm job {ev.job_id} cancelled"
+                store.append_if(
+                    rid, RunState.CANCELLED, expect=ev, backend=NAME, job_id=ev.job_id, reason=why
+                )
+
+
+Backend = SlurmBackend
