@@ -23,6 +23,13 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.config import OptimConfig
+from trainer.newton_schulz import (
+    MUON_COEFFICIENTS,
+    TUNED_COEFFICIENTS,
+    _as_dtype,
+    _coefficient_schedule,
+    newton_schulz,
+)
 from trainer.norms import one_to_rms_embedding, rms_to_inf, rms_to_rms
 
 __all__ = [
@@ -43,123 +50,6 @@ __all__ = [
 
 ROLES = ("in", "hidden", "out")
 NORMS = ("colnorm", "spectral", "rownorm", "sign")
-
-MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-# Per-step coefficients of Dion's / Disco's 5-step Triton path: sigma_max ~1.02 instead of ~1.13.
-TUNED_COEFFICIENTS = (
-    (4.0848, -6.8946, 2.9270),
-    (3.9505, -6.3029, 2.6377),
-    (3.7418, -5.5913, 2.3037),
-    (2.8769, -3.1427, 1.2046),
-    (2.8366, -3.0525, 1.2012),
-)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-# ------------------------------------------------------------------------------------ Newton-Schulz
-
-
-def _coefficient_schedule(coefficients: str, steps: int) -> Sequence[tuple[float, float, float]]:
-    if steps < 1:
-        raise ValueError(f"ns steps = {steps}: must be >= 1")
-    if coefficients == "muon":
-        return [MUON_COEFFICIENTS] * steps
-    if coefficients == "tuned":
-        if steps != len(TUNED_COEFFICIENTS):
-            raise ValueError(f"ns coefficients 'tuned' need steps = 5, got {steps}")
-        return TUNED_COEFFICIENTS
-    raise ValueError(f"ns coefficients = {coefficients!r}: must be 'muon' or 'tuned'")
-
-
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"ns dtype = {dtype!r}: must be one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
-def newton_schulz(
-    G: torch.Tensor,
-    steps: int = 5,
-    coefficients: str = "muon",
-    eps: float = 1e-7,
-    dtype: torch.dtype | str | None = None,
-) -> torch.Tensor:
-    """Approximate the orthogonal polar factor ``U V^T`` of ``G = U S V^T`` by Newton-Schulz.
-
-    Works on the wide orientation (transposing tall matrices), normalises each matrix by its
-    Frobenius norm, then iterates ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``. The singular
-    values come out in a band around 1 (up to ~1.13 with the Muon coefficients, ~1.02 tuned), not
-    exactly 1.
-
-    In float32/float64, matrices at least twice as wide as tall (e.g. the SwiGLU 256 x 704 ones)
-    run the same iteration in its Gram form (see :func:`_newton_schulz_gram`), which needs ~30%
-    fewer flops; lower precisions always use the plain iteration.
-
-    Args:
-        G: a matrix ``(m, n)`` or a batch ``(k, m, n)``; each matrix is orthogonalised on its own.
-        steps: iterations.
-        coefficients: ``"muon"`` (3.4445, -4.7750, 2.0315) every step, or ``"tuned"`` (5 per-step
-            triples).
-        eps: added to the Frobenius norm.
-        dtype: compute dtype (``torch.dtype`` or name); None keeps ``G``'s dtype.
-
-    Returns:
-        A tensor of ``G``'s shape and dtype.
-    """
-    if G.ndim not in (2, 3):
-        raise ValueError(f"newton_schulz: expected a 2-D or 3-D tensor, got shape {tuple(G.shape)}")
-    schedule = _coefficient_schedule(coefficients, steps)
-    X = G.to(_as_dtype(dtype) or G.dtype)
-    X = X if X.ndim == 3 else X.unsqueeze(0)
-    tall = X.shape[-2] > X.shape[-1]
-    if tall:
-        X = X.mT
-    X = X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)
-    gram = X.dtype in (torch.float32, torch.float64) and X.shape[-1] >= 2 * X.shape[-2]
-    X = _newton_schulz_gram(X, schedule) if gram else _newton_schulz_plain(X, schedule)
-    if tall:
-        X = X.mT
-    X = X if G.ndim == 3 else X.squeeze(0)
-    return X.to(G.dtype)
-
-
-def _newton_schulz_plain(
-    X: torch.Tensor, schedule: Sequence[tuple[float, float, float]]
-) -> torch.Tensor:
-    """The textbook iteration on a normalised wide batch ``(k, m, n)``, ``m <= n``."""
-    for a, b, c in schedule:
-        A = torch.bmm(X, X.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
-    return X
-
-
-def _newton_schulz_gram(
-    X: torch.Tensor, schedule: Sequence[tuple[float, float, float]]
-) -> torch.Tensor:
-    """The same iteration carried out on ``m x m`` Gram matrices of a wide batch ``(k, m, n)``.
-
-    Every iterate is ``X_j = Q_j X_0`` with ``Q_j`` a polynomial in ``M_0 = X_0 X_0^T``, so all the
-    ``m x m`` matrices commute: ``P_j = a I + b M_j + c M_j^2``, ``Q_{j+1} = P_j Q_j`` and
-    ``M_{j+1} = X_{j+1} X_{j+1}^T = P_j^2 M_j``. Only the first and last products touch the
-    ``n``-wide matrix, so for ``n >= 2m`` this costs ~30% fewer flops than the plain iteration. The
-    result is the same polynomial of ``X_0``; in float32 it differs from the plain iteration by
-    ~1e-5 of the entries (bf16 would not be accurate enough, hence the dtype gate).
-    """
-    M = torch.bmm(X, X.mT)
-    Q = None
-    for j, (a, b, c) in enumerate(schedule):
-        P = torch.baddbmm(M, M, M, beta=b, alpha=c)
-        P.diagonal(dim1=-2, dim2=-1).add_(a)
-        Q = P if Q is None else torch.bmm(P, Q)
-        if j < len(schedule) - 1:
-            M = torch.bmm(P, torch.bmm(P, M))
-    assert Q is not None
-    return torch.bmm(Q, X)
-
 
 # --------------------------------------------------------------------------------------------- LMOs
 
