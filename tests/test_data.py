@@ -1,11 +1,9 @@
-"""Token data: the pure batch function, rank slices, corpus checks and the prepare CLI."""
+"""Token data: the pure batch function, rank slices, epochs, corpus checks, token directories."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -26,8 +24,6 @@ from trainer.data import (
     synthetic_tokens,
     validation_windows,
 )
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _tokens(n: int = 10_000) -> np.ndarray:
@@ -104,6 +100,7 @@ def test_builtin_corpus_is_prepared_once_under_concurrency(tmp_path: Path) -> No
     assert len(paths) == 1
     shards = Shards.open(Path(paths.pop()))
     assert len(shards.train) == 300_000 and len(shards.val) == 6_000
+    assert (shards.path / "data.json").is_file() and shards.manifest.tokenizer == "synthetic"
     assert shards.max_token_id < 128
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
 
@@ -115,46 +112,45 @@ def test_token_ids_beyond_the_model_vocabulary_are_rejected(tmp_path: Path) -> N
         open_data(DataConfig(kind="shards", path=str(path)), 100)
 
 
-def _prepare(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "trainer.data", "prepare", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+def test_later_epochs_revisit_every_window_in_a_new_order() -> None:
+    tokens = np.arange(9 * 10, dtype=np.uint32)  # 10 windows of seq_len+1 = 9
+    src = BatchSource(tokens, seq_len=8, batch_size=5, seed=3)
+    firsts = [src.batch(step)[0][:, 0].tolist() for step in range(6)]  # 3 epochs of 2 steps
+    epochs = [firsts[0] + firsts[1], firsts[2] + firsts[3], firsts[4] + firsts[5]]
+    assert all(sorted(e) == list(range(0, 90, 9)) for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+    again = BatchSource(tokens, seq_len=8, batch_size=5, seed=3)
+    assert again.batch(4)[0][:, 0].tolist() == firsts[4]  # still a pure function of the step
+    with pytest.raises(DataError, match="data.allow_repeat"):
+        check_enough(src, 3, Path("corpus"))
+    check_enough(src, 3, Path("corpus"), allow_repeat=True)
+    with pytest.raises(DataError, match="smaller batch_size"):
+        check_enough(BatchSource(tokens, 8, 11, 0), 3, Path("corpus"), allow_repeat=True)
 
 
-def test_prepare_cli_byte_tokenizes_a_text_directory(tmp_path: Path) -> None:
-    texts = tmp_path / "texts"
-    (texts / "sub").mkdir(parents=True)
-    (texts / "a.txt").write_text("hello world\n" * 300)
-    (texts / "sub" / "b.txt").write_text("héllo ünïcode\n" * 200)
-    (texts / "skip.md").write_text("not a .txt file")
-    out = tmp_path / "shards"
-    done = _prepare(str(texts), "--out", str(out), "--val-fraction", "0.1")
-    assert done.returncode == 0, done.stderr
-    meta = json.loads((out / "meta.json").read_text())
-    expected = (texts / "a.txt").read_bytes() + (texts / "sub" / "b.txt").read_bytes()
-    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 256
-    assert meta["train_tokens"] + meta["val_tokens"] == len(expected)
-    assert meta["val_tokens"] == int(len(expected) * 0.1)
-    shards = Shards.open(out)
-    joined = np.concatenate([shards.train, shards.val]).astype(np.uint8).tobytes()
-    assert joined == expected
-    again = _prepare(str(texts), "--out", str(out))
-    assert again.returncode == 2 and again.stderr.count("\n") == 1
-    assert "already holds shards" in again.stderr
-
-
-def test_prepare_cli_errors_are_one_line(tmp_path: Path) -> None:
-    missing = _prepare(str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
-    assert missing.stderr.count("\n") == 1
-    (tmp_path / "t.txt").write_text("some text " * 100)
-    tok = tmp_path / "tokenizer.json"
-    tok.write_text("{}")
-    bad = _prepare(str(tmp_path / "t.txt"), "--out", str(tmp_path / "o"), "--tokenizer", str(tok))
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
-    assert "tokenizer" in bad.stderr  # 'pip install tokenizers', or cannot load the file
-    assert not (tmp_path / "o").exists()
+def test_first_format_directories_with_meta_json_still_open(tmp_path: Path) -> None:
+    tokens = (np.arange(1000) % 200).astype(np.uint16)
+    tokens[:900].tofile(tmp_path / "train.bin")
+    tokens[900:].tofile(tmp_path / "val.bin")
+    meta = {
+        "format": 1,
+        "dtype": "uint16",
+        "vocab_size": 256,
+        "max_token_id": 199,
+        "train_tokens": 900,
+        "val_tokens": 100,
+        "tokenizer": "bytes",
+        "source": "old",
+    }
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    shards = Shards.open(tmp_path)
+    assert len(shards.train) == 900 and shards.max_token_id == 199
+    assert shards.manifest.split == "tail" and shards.manifest.eos_id is None
+    assert shards.provenance()["format"] == 1
+    shards.check_vocab(200)
+    with pytest.raises(DataError, match="token id 199"):
+        shards.check_vocab(199)
+    meta["train_tokens"] = 901
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="train.bin holds 900 tokens, its manifest says 901"):
+        Shards.open(tmp_path)

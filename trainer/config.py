@@ -101,8 +101,10 @@ class ModelConfig:
                          ("vocab_size", 1 << 24), ("seq_len", 1 << 22)):  # fmt: skip
             if getattr(self, key) > top:
                 raise ConfigError(f"model.{key} = {getattr(self, key)}: must be <= {top}")
-        if not (self.norm_eps >= 0 and self.rope_theta > 0):
-            raise ConfigError("model.norm_eps must be >= 0 and model.rope_theta > 0")
+        if not self.norm_eps >= 0:
+            raise ConfigError(f"model.norm_eps = {self.norm_eps}: must be >= 0")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"model.rope_theta = {self.rope_theta}: must be > 0")
 
 
 _PAPER_VOCAB = 128_256  # Llama-3 tokenizer
@@ -189,8 +191,8 @@ class OptimConfig:
     def validate(self) -> None:
         for key in ("lr", "lr_scale_in", "lr_scale_hidden", "lr_scale_out"):
             v = getattr(self, key)
-            if not (math.isfinite(v) and v > 0):
-                raise ConfigError(f"optim.{key} = {v}: must be a finite number > 0")
+            if not (math.isfinite(v) and 0 < v <= 2.0**20):
+                raise ConfigError(f"optim.{key} = {v}: must be a number in (0, 2^20]")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"optim.momentum = {self.momentum}: must be in [0, 1) (beta)")
         if self.weight_decay < 0:
@@ -199,12 +201,14 @@ class OptimConfig:
             raise ConfigError(f"optim.ns_steps = {self.ns_steps}: must be >= 1")
         if self.ns_coefficients == "tuned" and self.ns_steps != 5:
             raise ConfigError("optim.ns_coefficients = 'tuned': needs ns_steps = 5")
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
-            raise ConfigError("optim.adam_beta1/adam_beta2: must be in [0, 1)")
-        if not (0 <= self.atan2_a and 0 <= self.atan2_b and 0 < self.ns_steps <= 100):
-            raise ConfigError("optim.atan2_a/atan2_b must be >= 0 and ns_steps in 1..100")
-        if self.eps < 0 or self.adam_eps < 0 or self.grad_clip < 0:
-            raise ConfigError("optim.eps, optim.adam_eps and optim.grad_clip must be >= 0")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"optim.{key} = {getattr(self, key)}: must be in [0, 1)")
+        if self.ns_steps > 100:
+            raise ConfigError(f"optim.ns_steps = {self.ns_steps}: must be in 1..100")
+        for key in ("atan2_a", "atan2_b", "eps", "adam_eps", "grad_clip"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"optim.{key} = {getattr(self, key)}: must be >= 0")
 
 
 # ---------------------------------------------------------------------------------------- schedule
@@ -293,6 +297,7 @@ class BranchConfig:
 # ------------------------------------------------------------------------------------------- train
 
 Device = Literal["auto", "cpu", "cuda"]
+MAX_VAL_TOKENS = 1 << 32  # evaluated at every horizon: more is a typo, not a measurement
 Precision = Literal["auto", "float32", "bfloat16"]
 
 
@@ -380,6 +385,10 @@ class TrainConfig:
         if self.branch is not None:
             self.branch.validate()
         _positive(self, "batch_size", "log_every", "val_tokens", "keep_checkpoints")
+        if self.val_tokens > MAX_VAL_TOKENS:
+            raise ConfigError(f"val_tokens = {self.val_tokens}: must be <= {MAX_VAL_TOKENS}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed = {self.seed}: must be >= 0")
         if not self.horizons_tokens:
             raise ConfigError("horizons_tokens: must name at least one token budget")
         tps = self.tokens_per_step

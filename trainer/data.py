@@ -1,17 +1,21 @@
-"""Token data: shard directories, built-in corpora and the deterministic batch function.
+"""Token data: token directories, built-in corpora and the deterministic batch function.
 
-A shard directory holds ``train.bin`` and ``val.bin`` (flat arrays of token ids, ``uint16`` or
-``uint32``, memory-mapped) and ``meta.json`` (dtype, vocabulary size, token counts, largest token
-id, tokenizer).
+A token directory holds ``train.bin`` and ``val.bin`` (flat arrays of token ids, ``uint16`` or
+``uint32``, memory-mapped) and its manifest ``data.json`` (``trainer.manifest``: tokenizer and its
+hash, vocabulary, end-of-text id, token and document counts, source files and their hashes).
+Directories of the first format, with ``meta.json``, are still read.
 
 The training split is cut into non-overlapping windows of ``seq_len + 1`` tokens, and the windows
 are visited in a permutation seeded by the run's seed. Sample ``j`` of step ``s`` is window
 ``perm[s * batch_size + j]``, so the batch at (seed, step, rank) is a pure function, no window is
-seen twice (non-repeating data, as in the paper), and resuming needs only the step.
+seen twice (non-repeating data, as in the paper), and resuming needs only the step. With
+``data.allow_repeat``, position ``p`` past the end is window ``perm_e[p mod n]`` of epoch
+``e = p // n``, each epoch in its own seeded order.
 
-Command line::
+Command line (``trainer.prepare`` does the work)::
 
-    python -m trainer.data prepare DIR_OR_FILE... --out SHARDS [--tokenizer tokenizer.json]
+    python -m trainer.data prepare INPUT... --out DIR [--tokenizer tokenizer.json] [--text-key text]
+        [--eos-id N] [--val-fraction 0.02] [--workers N]
     python -m trainer.data builtin {stdlib,synthetic} [--vocab-size 256] [--cache-dir DIR]
 """
 
@@ -21,31 +25,34 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
-import json
 import math
 import os
 import shutil
 import sys
 import sysconfig
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
 from trainer.config import ConfigError, DataConfig
+from trainer.manifest import (
+    DataError,
+    DataManifest,
+    manifest_file,
+    read_manifest_with_digest,
+    write_manifest,
+)
 
-META = "meta.json"
 if TYPE_CHECKING:
     import torch
 
+
 _CHUNK_TOKENS = 1 << 24  # copy granularity when splitting a token stream
 _SYNTHETIC_SEED = 20_250_203  # fixed: the synthetic corpus is the same on every machine
-
-
-class DataError(ConfigError):
-    """Data that cannot feed the planned run (missing, too small, wrong vocabulary). One line."""
 
 
 # ------------------------------------------------------------------------------------------ shards
@@ -53,46 +60,42 @@ class DataError(ConfigError):
 
 @dataclass(frozen=True)
 class Shards:
-    """An opened shard directory: memory-mapped splits plus their metadata."""
+    """An opened token directory: memory-mapped splits plus their manifest."""
 
     path: Path
     train: np.ndarray
     val: np.ndarray
-    vocab_size: int
-    max_token_id: int
+    manifest: DataManifest
+    manifest_sha256: str
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest.vocab_size
+
+    @property
+    def max_token_id(self) -> int:
+        return self.manifest.max_token_id
 
     @classmethod
     def open(cls, path: Path) -> Shards:
-        """Memory-map ``train.bin`` and ``val.bin`` of a directory made by :func:`prepare_text`."""
-        meta_path = path / META
+        """Memory-map ``train.bin`` and ``val.bin`` of a directory made by ``prepare``."""
         try:
-            meta = json.loads(meta_path.read_text())
-        except FileNotFoundError:
-            raise DataError(
-                f"data.path = {str(path)!r}: no {META} (make shards with "
-                "'python -m trainer.data prepare')"
-            ) from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{meta_path}: not valid JSON ({e})") from None
-        dtype = meta.get("dtype")
-        if dtype not in ("uint16", "uint32"):
-            raise DataError(f"{meta_path}: dtype = {dtype!r}, expected 'uint16' or 'uint32'")
+            manifest, digest = read_manifest_with_digest(path)
+        except DataError as e:
+            raise DataError(f"data.path = {str(path)!r}: {e}") from None
         splits = {}
         for split in ("train", "val"):
             file = path / f"{split}.bin"
             if not file.is_file() or file.stat().st_size == 0:
                 raise DataError(f"data.path = {str(path)!r}: {file.name} is missing or empty")
-            splits[split] = np.memmap(file, dtype=dtype, mode="r")
-        top = meta.get("max_token_id")
-        if top is None:  # shards written by another tool: scan once
-            top = max(int(splits["train"].max()), int(splits["val"].max()))
-        return cls(
-            path=path,
-            train=splits["train"],
-            val=splits["val"],
-            vocab_size=int(meta.get("vocab_size", top + 1)),
-            max_token_id=int(top),
-        )
+            splits[split] = np.memmap(file, dtype=manifest.dtype, mode="r")
+            expected = getattr(manifest, f"{split}_tokens")
+            if len(splits[split]) != expected:
+                raise DataError(
+                    f"data.path = {str(path)!r}: {file.name} holds {len(splits[split])} tokens, "
+                    f"its manifest says {expected}"
+                )
+        return cls(path, splits["train"], splits["val"], manifest, digest)
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raise DataError unless every token id is below the model's ``vocab_size``."""
@@ -102,27 +105,59 @@ class Shards:
                 f"{self.vocab_size}), not below model.vocab_size = {vocab_size}"
             )
 
+    def provenance(self) -> dict[str, Any]:
+        """What a run records about its data in ``provenance.json``."""
+        return self.manifest.provenance(self.path, self.manifest_sha256)
+
 
 # ------------------------------------------------------------------------------------------ batches
 
 
 class TokenWindows:
-    """Non-overlapping ``seq_len + 1`` windows of a token array, in a seeded (or natural) order."""
+    """Non-overlapping ``seq_len + 1`` windows of a token array, in a seeded (or natural) order.
+
+    Positions past the last window wrap around into further epochs, each in its own order seeded by
+    (seed, epoch); epoch 0 keeps the order of the seed alone.
+    """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, seed: int | None) -> None:
         self.tokens = tokens
         self.width = seq_len + 1
         self.n_windows = len(tokens) // self.width
+        self.seed = seed
         if seed is None:
             self.order = np.arange(self.n_windows, dtype=np.int64)
         else:
             self.order = np.random.Generator(np.random.PCG64(seed)).permutation(self.n_windows)
+        self._later: dict[int, np.ndarray] = {}  # orders of epochs >= 1, the latest two
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch == 0 or self.seed is None:
+            return self.order
+        order = self._later.get(epoch)
+        if order is None:
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            order = rng.permutation(self.n_windows)
+            self._later = {e: o for e, o in self._later.items() if e >= epoch - 1}
+            self._later[epoch] = order
+        return order
+
+    def starts(self, positions: np.ndarray) -> np.ndarray:
+        """Token offsets of the windows at ``positions`` (wrapping into later epochs)."""
+        if len(positions) and int(positions.max()) < self.n_windows:
+            return self.order[positions] * self.width
+        epochs, index = np.divmod(positions, self.n_windows)
+        starts = np.empty_like(index)
+        for epoch in np.unique(epochs).tolist():
+            mask = epochs == epoch
+            starts[mask] = self._epoch_order(epoch)[index[mask]]
+        return starts * self.width
 
     def rows(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets, each ``(len(positions), seq_len)`` int64, for the given positions."""
         import torch  # lazily: the prepare CLI and the sweeper's login node need no torch
 
-        starts = self.order[positions] * self.width
+        starts = self.starts(positions)
         rows = np.asarray(self.tokens[starts[:, None] + np.arange(self.width)], dtype=np.int64)
         rows_t = torch.from_numpy(rows)
         return rows_t[:, :-1].contiguous(), rows_t[:, 1:].contiguous()
@@ -183,19 +218,29 @@ def validation_windows(tokens: np.ndarray, seq_len: int, val_tokens: int) -> Tok
     return windows
 
 
-def check_enough(source: BatchSource, steps_needed: int, where: Path) -> None:
-    """Raise DataError unless the corpus holds ``steps_needed`` non-repeating global batches."""
+def check_enough(
+    source: BatchSource, steps_needed: int, where: Path, allow_repeat: bool = False
+) -> None:
+    """Raise DataError unless the corpus holds ``steps_needed`` non-repeating global batches.
+
+    With ``allow_repeat`` one global batch is enough: later steps revisit the windows.
+    """
     have = source.steps_available()
-    if have < steps_needed:
+    if have < (1 if allow_repeat else steps_needed):
         w = source.windows
+        fix = (
+            "use a larger corpus or a smaller batch_size"
+            if allow_repeat
+            else "lower horizons_tokens, use a larger corpus, or set data.allow_repeat = true"
+        )
         raise DataError(
             f"data: corpus {where} is too small: {w.n_windows} windows of seq_len+1 = {w.width} "
             f"tokens give {have} steps of batch_size = {source.batch_size}, the run needs "
-            f"{steps_needed} (lower horizons_tokens or use a larger corpus)"
+            f"{steps_needed} ({fix})"
         )
 
 
-# -------------------------------------------------------------------------------------- preparation
+# ------------------------------------------------------------------------- built-in corpora: writer
 
 
 def _write_tokens(chunks: Iterable[np.ndarray], out: Path, dtype: np.dtype) -> tuple[int, int]:
@@ -230,20 +275,23 @@ def write_shards(
     source: str,
     tokenizer: str,
     val_tokens: int | None = None,
-) -> dict:
-    """Write a shard directory atomically (a temp directory renamed into place).
+) -> DataManifest:
+    """Write a built-in corpus's token directory atomically (a temp directory renamed into place).
+
+    Built-in corpora are one stream with no end-of-text token, split at its tail (user corpora go
+    through ``trainer.prepare``, which splits by document).
 
     Args:
         chunks: Token arrays, in corpus order; the last ``val_fraction`` of the tokens is held out.
         out: The directory to create; must not exist.
         vocab_size: The tokenizer's vocabulary size (chooses ``uint16`` or ``uint32``).
         val_fraction: Fraction of tokens held out for validation.
-        source: Free-text description of the corpus, kept in ``meta.json``.
-        tokenizer: ``"bytes"`` or the tokenizer file's name.
+        source: Free-text description of the corpus, kept in ``data.json``.
+        tokenizer: ``"bytes"`` or ``"synthetic"``.
         val_tokens: Exact number of held-out tokens; overrides ``val_fraction``.
 
     Returns:
-        The metadata written to ``meta.json``.
+        The manifest written to ``data.json``.
     """
     dtype = np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -256,88 +304,31 @@ def write_shards(
         if n - n_val < 2:
             raise DataError(f"data: {source} holds only {n} tokens, too few to split")
         _split_tail(tmp / "all.bin", tmp, dtype, n, n_val)
-        meta = {
-            "format": 1,
-            "dtype": dtype.name,
-            "vocab_size": vocab_size,
-            "max_token_id": top,
-            "train_tokens": n - n_val,
-            "val_tokens": n_val,
-            "tokenizer": tokenizer,
-            "source": source,
-        }
-        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+        manifest = DataManifest(
+            dtype="uint16" if dtype == np.uint16 else "uint32",
+            vocab_size=vocab_size,
+            eos_id=None,
+            max_token_id=top,
+            tokenizer=tokenizer,
+            tokenizer_sha256=None,
+            train_tokens=n - n_val,
+            val_tokens=n_val,
+            n_documents=None,
+            val_documents=None,
+            val_fraction=n_val / n,
+            split="tail",
+            description=source,
+        )
+        write_manifest(tmp, manifest)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return meta
-
-
-def _text_files(inputs: Iterable[Path], pattern: str) -> list[Path]:
-    files: list[Path] = []
-    for p in inputs:
-        if p.is_dir():
-            files.extend(sorted(f for f in p.rglob(pattern) if f.is_file()))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"prepare: input {str(p)!r} does not exist")
-    if not files:
-        raise DataError(f"prepare: no files matching {pattern!r} in the inputs")
-    return files
+    return manifest
 
 
 def _byte_chunks(files: Iterable[Path]) -> Iterator[np.ndarray]:
     for f in files:
         yield np.frombuffer(f.read_bytes(), dtype=np.uint8)
-
-
-def _load_tokenizer(path: Path):  # noqa: ANN202 - tokenizers is optional, no type to name
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise DataError(
-            f"--tokenizer {path}: reading a Hugging Face tokenizer.json needs the 'tokenizers' "
-            "package (pip install tokenizers)"
-        ) from None
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # the Rust side raises a plain Exception on any bad file
-        raise DataError(f"--tokenizer {path}: cannot load ({str(e).splitlines()[0]})") from None
-
-
-def prepare_text(
-    inputs: list[Path],
-    out: Path,
-    tokenizer: Path | None = None,
-    val_fraction: float = 0.02,
-    pattern: str = "*.txt",
-) -> dict:
-    """Tokenize text files into a shard directory.
-
-    Args:
-        inputs: Files, or directories searched recursively for ``pattern``.
-        out: The shard directory to create (must not hold shards yet).
-        tokenizer: A Hugging Face ``tokenizer.json``; None: the built-in byte tokenizer (vocab 256).
-        val_fraction: Fraction of tokens (the corpus tail) held out for validation.
-        pattern: File-name pattern used inside directories.
-
-    Returns:
-        The metadata written to ``meta.json``.
-    """
-    if (out / META).exists():
-        raise DataError(f"--out {out}: already holds shards; remove it first")
-    if not 0 < val_fraction < 0.5:
-        raise DataError(f"--val-fraction {val_fraction}: must be in (0, 0.5)")
-    files = _text_files(inputs, pattern)
-    source = f"{len(files)} text files"
-    if tokenizer is None:
-        return write_shards(_byte_chunks(files), out, 256, val_fraction, source, "bytes")
-    tok = _load_tokenizer(tokenizer)
-    chunks = (
-        np.asarray(tok.encode(f.read_text(errors="replace")).ids, dtype=np.int64) for f in files
-    )
-    return write_shards(chunks, out, tok.get_vocab_size(), val_fraction, source, tokenizer.name)
 
 
 # ------------------------------------------------------------------------------- built-in corpora
@@ -439,11 +430,11 @@ def resolve_shards(cfg: DataConfig, vocab_size: int) -> Path:
         return Path(cfg.path)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     out = cache / _builtin_name(cfg, vocab_size)
-    if (out / META).exists():
+    if manifest_file(out) is not None:
         return out
     cache.mkdir(parents=True, exist_ok=True)
     with _file_lock(cache / f".{out.name}.lock"):
-        if not (out / META).exists():
+        if manifest_file(out) is None:
             _build_builtin(cfg, vocab_size, out)
     return out
 
@@ -458,15 +449,32 @@ def open_data(cfg: DataConfig, vocab_size: int) -> Shards:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (and exit 2, as argparse's do)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer.data", description=__doc__.split("\n")[0])
+    p = _Parser(prog="python -m trainer.data", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="tokenize text files into a shard directory")
-    prep.add_argument("inputs", nargs="+", type=Path, help="text files or directories")
-    prep.add_argument("--out", required=True, type=Path, help="shard directory to create")
-    prep.add_argument("--tokenizer", type=Path, help="Hugging Face tokenizer.json (default: bytes)")
-    prep.add_argument("--val-fraction", type=float, default=0.02)
-    prep.add_argument("--pattern", default="*.txt", help="file pattern inside directories")
+    prep = sub.add_parser(
+        "prepare", help="tokenize text, JSON Lines and Parquet files into a token directory"
+    )
+    prep.add_argument(
+        "inputs", nargs="+", help="files (.txt, .jsonl, .parquet), directories or glob patterns"
+    )
+    prep.add_argument("--out", required=True, type=Path, help="token directory to create")
+    prep.add_argument("--tokenizer", type=Path, help="local tokenizer.json (default: bytes)")
+    prep.add_argument("--text-key", default="text", help="JSON Lines field / Parquet column")
+    prep.add_argument(
+        "--eos-id", type=int, help="end-of-text id (default: the tokenizer's; bytes: 256)"
+    )
+    prep.add_argument(
+        "--val-fraction", type=float, default=0.02, help="share of documents held out"
+    )
+    prep.add_argument("--workers", type=int, help="tokenizer threads (default: all cores)")
     built = sub.add_parser(
         "builtin", help="prepare a built-in corpus into the cache; print its path"
     )
@@ -476,24 +484,46 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _prepare(args: argparse.Namespace) -> None:
+    from trainer.prepare import prepare
+
+    start = time.perf_counter()
+    m = prepare(
+        args.inputs,
+        args.out,
+        tokenizer=args.tokenizer,
+        text_key=args.text_key,
+        eos_id=args.eos_id,
+        val_fraction=args.val_fraction,
+        workers=args.workers,
+    )
+    seconds = time.perf_counter() - start
+    total = m.train_tokens + m.val_tokens
+    print(
+        f"{args.out}: {m.train_tokens} train + {m.val_tokens} val tokens ({m.dtype}, vocab "
+        f"{m.vocab_size}, eos {m.eos_id}) from {m.n_documents} documents ({m.val_documents} val) "
+        f"in {len(m.sources)} files, {seconds:.1f} s ({total / max(seconds, 1e-9):,.0f} tokens/s)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m trainer.data``; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "prepare":
-            meta = prepare_text(
-                args.inputs, args.out, args.tokenizer, args.val_fraction, args.pattern
-            )
-            print(
-                f"{args.out}: {meta['train_tokens']} train + {meta['val_tokens']} val tokens "
-                f"({meta['dtype']}, vocab {meta['vocab_size']})"
-            )
+            _prepare(args)
         else:
             cache = str(args.cache_dir) if args.cache_dir else None
             print(resolve_shards(DataConfig(kind=args.kind, cache_dir=cache), args.vocab_size))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a disk or permission problem while writing
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted (nothing written)", file=sys.stderr)
+        return 130
     return 0
 
 
