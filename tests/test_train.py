@@ -287,9 +287,12 @@ def test_metrics_writer_drops_lines_from_the_resumed_step_and_a_torn_tail(tmp_pa
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0}\n{"step": 5}\n{"step": 10}\n{"step": 1')  # killed mid-write
     writer = MetricsWriter(path, resume_step=10)
-    writer.write({"step": 10, "train_loss": float("nan")})
+    writer.write({"step": 10, "tokens": 160, "train_loss": float("nan")})
     writer.close()
-    assert read_metrics(path) == [{"step": 0}, {"step": 5}, {"step": 10, "train_loss": None}]
+    rows = read_metrics(path)
+    assert rows[:2] == [{"step": 0}, {"step": 5}]
+    assert rows[2]["step"] == 10 and rows[2]["tokens"] == 160 and rows[2]["train_loss"] is None
+    assert len(rows) == 3
     assert path.read_text().endswith("\n")
 
 
