@@ -15,7 +15,9 @@ times, each in a fresh Python process (imports not counted):
 3. for each: a collect with nothing changed and one after touching 10 runs.
 
 Usage: ``python bench/bench_collect.py [--runs 10000] [--baseline REV] [--reps 3] [--parsers]
-[--dir DIR --keep]``
+[--dir DIR --keep]``; issue 8's comparison is ``--baseline c145a05`` (the code before it). The
+worktree is made in the work directory (a temporary one by default, outside the repository) and
+removed at the end; the main work tree is not touched. It ends with the targets, met or missed.
 """
 
 from __future__ import annotations
@@ -270,10 +272,13 @@ def _median(rows: list[dict[str, object]], key: str) -> float:
     return statistics.median(float(r[key]) for r in rows)  # type: ignore[arg-type]
 
 
-def bench_first(variants: dict[str, tuple[Path, Path]], reps: int) -> dict[str, list[dict]]:
+def bench_first(
+    variants: dict[str, tuple[Path, Path]], reps: int
+) -> tuple[dict[str, list[dict]], dict[str, dict[str, dict]]]:
     """First collects, interleaved; then a collect with nothing changed and one after touching
-    10 runs, per variant."""
+    10 runs, per variant. Returns the first collects and the later ones by step, per variant."""
     firsts: dict[str, list[dict]] = {k: [] for k in variants}
+    laters: dict[str, dict[str, dict]] = {k: {} for k in variants}
     for rep in range(reps):
         for label, (code, sweep) in variants.items():
             fresh(sweep)
@@ -285,8 +290,18 @@ def bench_first(variants: dict[str, tuple[Path, Path]], reps: int) -> dict[str, 
             for later in got[1:]:
                 wall, cpu = later["wall"], later["cpu"]
                 print(f"      {later['step']:9s} wall {wall:6.3f} s  cpu {cpu:.3f} s")
+                laters[label][str(later["step"])] = later
             print(f"      {got[-1]['what']}")
-    return firsts
+    return firsts, laters
+
+
+# Issue 8's targets (bench/README.md): first collect of 10,000 runs, its ratio to the baseline,
+# and a collect with nothing changed.
+TARGET_FIRST_S, TARGET_RATIO, TARGET_UNCHANGED_S = 3.0, 1.3, 0.5
+
+
+def verdict(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
 
 
 def main() -> None:
@@ -316,12 +331,28 @@ def main() -> None:
             variants = {f"baseline {args.baseline}": (worktree, old), **variants}
         if args.parsers:
             bench_parsers(current)
-        firsts = bench_first(variants, args.reps)
+        firsts, laters = bench_first(variants, args.reps)
         ref = _median(next(iter(firsts.values())), "wall")
-        print(f"first collect, median of {args.reps}:")
+        ref_cpu = _median(next(iter(firsts.values())), "cpu")
+        print(f"first collect, median of {args.reps} (ratios to the first line):")
         for label, rows in firsts.items():
             wall, cpu = _median(rows, "wall"), _median(rows, "cpu")
-            print(f"  {label:24s} wall {wall:6.2f} s ({wall / ref:4.2f}x)  cpu {cpu:6.2f} s")
+            print(
+                f"  {label:24s} wall {wall:6.2f} s ({wall / ref:4.2f}x)  "
+                f"cpu {cpu:6.2f} s ({cpu / ref_cpu:4.2f}x)"
+            )
+        wall = _median(firsts["current"], "wall")
+        unchanged = float(laters["current"]["unchanged"]["wall"])
+        print(f"targets ({args.runs} runs; issue 8 sets them for 10,000):")
+        print(
+            f"  first collect {wall:.2f} s <= {TARGET_FIRST_S} s: {verdict(wall <= TARGET_FIRST_S)}"
+        )
+        if args.baseline:
+            ratio = wall / ref
+            print(f"  ratio to {args.baseline} {ratio:.2f} <= {TARGET_RATIO}: "
+                  f"{verdict(ratio <= TARGET_RATIO)}")  # fmt: skip
+        print(f"  nothing changed {unchanged:.3f} s <= {TARGET_UNCHANGED_S} s: "
+              f"{verdict(unchanged <= TARGET_UNCHANGED_S)}")  # fmt: skip
     finally:
         if worktree is not None:
             remove_worktree(worktree)

@@ -1,21 +1,30 @@
-"""``sweeper status`` over 10,000 synthetic run directories (target < 3 s).
+"""``sweeper status`` over 10,000 synthetic run directories (issue 8's target: <= 1 s), side by
+side with the code of another git revision.
 
-    .venv/bin/python bench/bench_status.py [--runs 10000]
+    .venv/bin/python bench/bench_status.py [--runs 10000] [--reps 3] [--baseline c145a05]
 
 Builds a sweep whose runs carry realistic records and 1-4 events each (some running with a
-heartbeat), then times, side by side: ``SweepStore.statuses()`` in-process, and the full CLI
-``sweeper status SWEEP --format json`` / ``--format table`` in a subprocess (Python start-up
-included).
+heartbeat), then times, each in a fresh interpreter: ``SweepStore.statuses()`` (imports not
+counted), and the whole command ``sweeper status SWEEP --format json`` / ``--format table``
+(Python start-up included), and ``sweeper --help`` (start-up only). With ``--baseline``, the same
+is timed with that revision's code, in a temporary ``git worktree`` outside the repository
+(removed at the end), on a sweep made by that revision's own :func:`build`; the variants
+alternate, the best of ``--reps`` counts, and the ratio column compares with the baseline.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_collect import add_worktree, remove_worktree
 
 from sweeper.fsutil import write_text_atomic
 from sweeper.plan import plan_sweep
@@ -32,6 +41,7 @@ batch_size = [8, 16, 32, 64]
 log2_horizons = [20, 21]
 seeds = {seeds}
 """
+ROOT = Path(__file__).resolve().parents[1]
 _STORIES = [["submitted"], ["submitted", "running"], ["submitted", "running", "completed"],
             ["submitted", "running", "failed", "running", "completed"]]  # fmt: skip
 
@@ -55,32 +65,90 @@ def build(root: Path, runs: int) -> SweepStore:
     return store
 
 
-def timed(cmd: list[str]) -> float:
+# Each runs in a fresh interpreter whose working directory is the code to use (this tree or the
+# baseline's worktree).
+_PRELUDE = "import os, sys; sys.path.insert(0, os.getcwd()); "
+_BUILD = (
+    _PRELUDE + "sys.path.insert(0, 'bench'); from pathlib import Path; from bench_status import "
+    "build; build(Path(sys.argv[1]), int(sys.argv[2]))"
+)
+_LIB = (
+    _PRELUDE + "import json, time; from sweeper.store import SweepStore; "
+    "store = SweepStore(sys.argv[1]); t = time.perf_counter(); n = len(store.statuses()); "
+    "print(json.dumps({'runs': n, 's': time.perf_counter() - t}))"
+)
+_CLI = _PRELUDE + "from sweeper.cli import main; main()"
+TARGET_S = 1.0
+
+
+def _run(code: Path, args: list[str], stdout: int | None = subprocess.PIPE) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", *args], cwd=code, env=env, stdout=stdout, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        sys.exit(f"{args[0][:60]}... with the code in {code} failed:\n{proc.stderr[-2000:]}")
+    return proc.stdout or ""
+
+
+def timed(code: Path, args: list[str]) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    _run(code, args, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
 
+def measure(code: Path, sweep: Path) -> dict[str, float]:
+    lib = json.loads(_run(code, [_LIB, str(sweep)]).strip().splitlines()[-1])
+    return {
+        "SweepStore.statuses()": lib["s"],
+        "sweeper status --format json": timed(
+            code, [_CLI, "status", str(sweep), "--format", "json"]
+        ),
+        "sweeper status --format table": timed(
+            code, [_CLI, "status", str(sweep), "--format", "table"]
+        ),
+        "sweeper --help (start-up only)": timed(code, [_CLI, "--help"]),
+    }
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--runs", type=int, default=10_000)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--baseline", default=None, help="git revision to time side by side")
     args = p.parse_args()
-    sweeper = str(Path(sys.executable).with_name("sweeper"))
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        store = build(Path(tmp), args.runs)
-        print(f"built {len(store.run_ids())} run directories in {time.perf_counter() - t0:.1f} s")
-        t0 = time.perf_counter()
-        statuses = store.statuses()
-        t_lib = time.perf_counter() - t0
-        t_json = timed([sweeper, "status", str(store.root), "--format", "json"])
-        t_table = timed([sweeper, "status", str(store.root), "--format", "table"])
-        t_help = timed([sweeper, "--help"])
-    print(f"{'what':42} {'seconds':>8}")
-    print(f"{'SweepStore.statuses() (' + str(len(statuses)) + ' runs)':42} {t_lib:8.3f}")
-    print(f"{'sweeper status --format json':42} {t_json:8.3f}")
-    print(f"{'sweeper status --format table':42} {t_table:8.3f}")
-    print(f"{'sweeper --help (start-up only)':42} {t_help:8.3f}")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-status-"))
+    variants = {"current": ROOT}
+    try:
+        if args.baseline:
+            variants = {f"baseline {args.baseline}": add_worktree(args.baseline, tmp / "wt")}
+            variants["current"] = ROOT
+        sweeps = {}
+        for label, code in variants.items():
+            t0 = time.perf_counter()
+            _run(code, [_BUILD, str(tmp / label.replace(" ", "-")), str(args.runs)])
+            sweeps[label] = tmp / label.replace(" ", "-") / "bench"
+            print(f"{label}: built {args.runs} run directories in {time.perf_counter() - t0:.1f} s")
+        best: dict[str, dict[str, float]] = {}
+        for _ in range(args.reps):  # alternate the variants: both see the same load
+            for label, code in variants.items():
+                got = measure(code, sweeps[label])
+                old = best.setdefault(label, got)
+                best[label] = {k: min(v, old[k]) for k, v in got.items()}
+        print(f"load average {os.getloadavg()[0]:.1f}; best of {args.reps}")
+        ref = next(iter(best.values()))
+        print(f"{'what':34} {'code':18} {'seconds':>8} {'ratio':>6}")
+        for what in ref:
+            for label, got in best.items():
+                print(f"{what:34} {label:18} {got[what]:8.3f} {got[what] / ref[what]:6.2f}")
+        t = best["current"]["sweeper status --format json"]
+        verdict = "not judged" if args.runs < 10_000 else ("ok" if t <= TARGET_S else "MISSED")
+        print(f"target: sweeper status of 10,000 runs <= {TARGET_S} s: {t:.2f} s, {verdict}")
+    finally:
+        if args.baseline:
+            remove_worktree(tmp / "wt")
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

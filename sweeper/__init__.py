@@ -16,14 +16,21 @@ The library API (the ``sweeper`` command line is a thin layer over it)::
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sweeper.calibrate import calibrate
 from sweeper.cost import CostConfig, cost_rows, needs_confirmation
 from sweeper.errors import BackendError, SpecError, StoreError, SweepError
-from sweeper.live import LiveView, RunProgress, SweepSummary, filter_rows, natural_key
+from sweeper.live import (
+    LiveView,
+    RunProgress,
+    SweepSummary,
+    filter_rows,
+    format_seconds,
+    natural_key,
+)
 from sweeper.records import Resources, RunEvent, RunKind, RunRecord, RunState
-from sweeper.spec import SweepSpec, host_warning, load_spec
+from sweeper.spec import SweepSpec, check_launch, host_warning, load_spec
 from sweeper.store import RunStatus
 from sweeper.sweep import LaunchReport, Sweep, plan
 
@@ -38,7 +45,16 @@ _LAZY = {
     "load_tables_file": ("sweeper.analysis.tables", "load_file"),
     "load_sweep_tables": ("sweeper.analysis.tables", "load_sweep"),
     "RefineOptions": ("sweeper.analysis.refine", "RefineOptions"),
+    "Proposal": ("sweeper.analysis.refine", "Proposal"),
+    "Tables": ("sweeper.analysis.tables", "Tables"),
 }
+
+if TYPE_CHECKING:  # the lazy names, for type checkers
+    from sweeper.analysis.api import Analysis, AnalysisOptions, analyze_tables
+    from sweeper.analysis.refine import Proposal, RefineOptions
+    from sweeper.analysis.tables import Tables
+    from sweeper.analysis.tables import load_file as load_tables_file
+    from sweeper.analysis.tables import load_sweep as load_sweep_tables
 
 
 def __getattr__(name: str) -> Any:
@@ -52,7 +68,9 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Analysis",
     "AnalysisOptions",
+    "Proposal",
     "RefineOptions",
+    "Tables",
     "analyze_tables",
     "load_sweep_tables",
     "load_tables_file",
@@ -75,8 +93,10 @@ __all__ = [
     "SweepSpec",
     "__version__",
     "calibrate",
+    "check_launch",
     "cost_rows",
     "filter_rows",
+    "format_seconds",
     "host_warning",
     "load_spec",
     "natural_key",

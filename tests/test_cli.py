@@ -17,7 +17,7 @@ import click
 import pytest
 from test_local import fake_spec
 
-from sweeper.cli import cli, main
+from sweeper.cli import COMMANDS, cli, main
 from sweeper.store import SweepStore, read_events
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,13 +125,36 @@ def test_bad_spec_through_cli_names_file_key_value(tmp_path: Path, capsys) -> No
     assert not (tmp_path / "r").exists()
 
 
+def _walk(group: click.Group, ctx: click.Context) -> list[tuple[str, click.Command]]:
+    """Every command under ``group`` (subgroups included), by its full name."""
+    out = []
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        assert cmd is not None, name
+        out.append((name, cmd))
+        if isinstance(cmd, click.Group):
+            out += [(f"{name} {sub}", c) for sub, c in _walk(cmd, click.Context(cmd))]
+    return out
+
+
 def test_every_command_has_help_with_an_example(capsys) -> None:  # noqa: ANN001
-    ctx = click.Context(cli)
-    names = cli.list_commands(ctx)
+    """Walks the commands (``cli.COMMANDS``, not a list written here): each has ``--help`` with
+    an ``Example`` section whose lines run that very command, and accepts ``--results`` after
+    its name as well as before it."""
+    commands = _walk(cli, click.Context(cli))
+    names = [name for name, _ in commands]
     assert {"plan", "launch", "status", "resume", "cancel", "collect", "export"} <= set(names)
-    for name in names:
-        code, out, _ = run_main(capsys, name, "--help")
+    assert set(names) >= set(COMMANDS)
+    for name, cmd in commands:
+        code, out, _ = run_main(capsys, *name.split(), "--help")
         assert code == 0 and "Example" in out, name
+        example = out.split("Example", 1)[1].splitlines()[1:]
+        runs = [ln.strip() for ln in example if ln.strip().startswith("sweeper ")]
+        assert runs and all(ln.startswith(f"sweeper {name}") for ln in runs[:1]), (name, runs)
+        flags = {opt for p in cmd.params for opt in getattr(p, "opts", [])}
+        assert "--results" in flags, f"{name}: no --results after the subcommand"
+    code, out, _ = run_main(capsys, "--help")
+    assert code == 0 and "Example" in out and "--results" in out
 
 
 def test_results_before_or_after_the_subcommand(tmp_path: Path, capsys) -> None:  # noqa: ANN001
@@ -145,6 +168,10 @@ def test_results_before_or_after_the_subcommand(tmp_path: Path, capsys) -> None:
         code, out, _ = run_main(capsys, "status", "fake", "--results", str(results),
                                 "--format", "json")  # fmt: skip
         assert code == 0 and json.loads(out)[0]["state"] == "completed"
+        code, out, err = run_main(capsys, "collect", "fake", "--results", str(results))
+        assert code == 0 and "1 runs" in out + err, err
+    code, _, err = run_main(capsys, "plan", str(spec), "--results", str(tmp_path / "none"))
+    assert code == 0 and not (tmp_path / "none").exists(), err  # accepted; plan writes nothing
 
 
 def test_plan_formats_write_nothing(tmp_path: Path, capsys) -> None:  # noqa: ANN001

@@ -17,10 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sweeper import tables
+from sweeper import RunState, Sweep, tables
 from sweeper.collect import CACHE_DIR, CollectError, collect_sweep
 from sweeper.collect import core as collect_core
 from sweeper.collect.metrics import read_metrics
+from sweeper.extend import continuation
 from sweeper.fsutil import write_json_atomic
 from sweeper.records import RunKind, RunRecord
 from sweeper.store import SweepStore
@@ -93,12 +94,14 @@ def write_run(
     summary: bool = True,
     record: bool = True,
     config: bool = True,
+    record_: RunRecord | None = None,
     **event_fields: Any,
 ) -> Path:
     """A run directory in the real formats: the record through the store, the trainer's files
-    through ``trainer.schema``, events through the store's own writer."""
+    through ``trainer.schema``, events through the store's own writer. ``record_`` replaces the
+    record made from ``train``."""
     store = SweepStore(sweep)
-    rec = make_record(rid, train, sweep.name)
+    rec = record_ or make_record(rid, train, sweep.name)
     rd = store.run_dir(rid)
     rd.mkdir(parents=True, exist_ok=True)
     if record:
@@ -481,6 +484,42 @@ def test_a_deleted_run_json_keeps_its_row(tmp_path: Path) -> None:
     row = runs_by_id(sweep)["run1"]
     assert row["problem"] == "run.json: missing" and row["state"] == "completed"
     assert horizons_of(sweep, "run1") == []
+    statuses = {st.run_id: st for st in Sweep.open(sweep).status()}  # and status lists it
+    assert set(statuses) == {"run0", "run1"}
+    assert statuses["run1"].state == RunState.COMPLETED  # its data is kept, with the reason
+    assert statuses["run1"].error == "run.json is missing"
+
+
+def test_an_edited_run_json_puts_no_edited_value_in_the_tables(tmp_path: Path) -> None:
+    """run.json edited after the run trained (issue 9): the trainer's config.json says what it
+    trained; the edited rate appears nowhere in the tables, and the run gives no horizon rows."""
+    sweep = make_sweep(tmp_path, n=2)
+    collect_sweep(sweep)
+    edit_json(sweep / "runs" / "run1" / "run.json", **{"train.optim.lr": 0.5})
+    result = collect_sweep(sweep)
+    assert result.reread == ("run1",)
+    row = runs_by_id(sweep)["run1"]
+    assert row["problem"] == "config.json optim.lr = 0.01 but run.json says 0.5"
+    assert result.problems == {"run1": row["problem"]}
+    assert row["lr"] is None and row["lr_in"] is None and row["batch_size"] is None
+    assert row["slug"] == "run1" and row["model"] == "test-micro" and row["state"] == "completed"
+    assert horizons_of(sweep, "run1") == [] and row["horizons_reached"] == 0
+    assert 0.5 not in tables.read_sweep_table(sweep, "runs").column("lr").to_pylist()
+    assert runs_by_id(sweep)["run0"]["lr"] == 0.01 and len(horizons_of(sweep, "run0")) == 2
+
+
+def test_a_summary_completed_early_is_not_believed(tmp_path: Path) -> None:
+    """Issue 9's case: "completed" at step 86 of 512."""
+    train = {**TRAIN, "horizons_tokens": [512 * 64], "log_every": 43}
+    lines = [metric_line(s, 5.0 - s / 1000) for s in (0, 43, 86)]
+    sweep = make_sweep(tmp_path, n=0)
+    write_run(sweep, "early", train=train, lines=lines)
+    result = collect_sweep(sweep)
+    row = runs_by_id(sweep)["early"]
+    assert row["problem"] == "summary.json says completed at step 86 but the run plans 512"
+    assert row["final_loss"] is None and row["wall_time_s"] is None
+    assert row["summary_status"] == "completed" and row["steps_done"] == 86
+    assert set(result.problems) == {"early"} and horizons_of(sweep, "early") == []
 
 
 # --------------------------------------------------------------------------------- incremental
@@ -817,3 +856,106 @@ def test_concurrent_collects_and_readers(tmp_path: Path) -> None:
     leftovers = [p.name for p in sweep.rglob(".*.tmp")]
     assert leftovers == []
     assert collect_sweep(sweep).reread == ()
+
+
+# ------------------------------------------------------------- continuations and schedules
+
+SIM_SPEC = """name = "{name}"
+[[models]]
+preset = "cpu-tiny"
+[grid]
+lr = {{log2_from = -7, log2_to = -3, log2_step = 1}}
+batch_size = [8]
+log2_horizons = {horizons}
+[train]
+log_every = 4
+checkpoint_every = 64
+[backend]
+name = "sim"
+[simulator]
+seed = 3
+noise = 0.01
+{schedules}
+"""
+
+
+def sim_spec(path: Path, horizons: list[int], schedules: str = "", name: str = "sim") -> Path:
+    """A simulator sweep (``trainer.sim`` in-process: the trainer's files in milliseconds)."""
+    path.write_text(SIM_SPEC.format(name=name, horizons=horizons, schedules=schedules))
+    return path
+
+
+def test_a_continuation_gives_rows_only_for_the_horizons_it_trains(tmp_path: Path) -> None:
+    """Extending the horizons continues a run from its final checkpoint (sweeper/extend.py): the
+    continuation starts at its parent's last step and logs a line there (the parent's state), but
+    the horizons up to that step are the parent's rows, never the continuation's, even when a
+    hand-edited horizons.json asks for them."""
+    sweep = make_sweep(tmp_path, n=0)
+    write_run(sweep, "par")  # steps 0..20, horizons 640 and 1280 (steps 10 and 20)
+    parent = SweepStore(sweep).load_record("par")
+    planned = make_record("x", {**TRAIN, "horizons_tokens": [640, 1280, 2560]})
+    cont = continuation(planned, parent, 20)
+    assert cont.parent == "par" and cont.start_step == 20 and cont.horizons_tokens == (2560,)
+    lines = [metric_line(s, 3.0 - s / 100, horizon=s == 40) for s in range(20, 41, 5)]
+    write_run(sweep, cont.id, record_=cont, lines=lines)
+    write_json_atomic(  # by hand: SweepStore.add_horizons refuses horizons before the start
+        sweep / "runs" / cont.id / "horizons.json", {"horizons_tokens": [640, 1280]}
+    )
+    result = collect_sweep(sweep)
+    assert result.problems == {}
+    assert [h["tokens"] for h in horizons_of(sweep, "par")] == [640, 1280]
+    hz = horizons_of(sweep, cont.id)
+    assert [(h["tokens"], h["step"], h["is_final"]) for h in hz] == [(2560, 40, True)]
+    row = runs_by_id(sweep)[cont.id]
+    assert row["horizons_tokens"] == [2560] and row["max_tokens"] == 2560
+    assert row["horizons_reached"] == 1 and row["start_step"] == 20 and row["parent"] == "par"
+    assert row["notes"] == (
+        "horizons [640, 1280] outside the run's span (1280, 2560] tokens ignored "
+        "(it starts at step 20)"
+    )
+    assert row["trained_tokens"] == 1280  # its own steps only
+
+
+def test_schedules_are_separate_series_in_the_tables_and_the_optima(tmp_path: Path) -> None:
+    """The schedules axis: each run's schedule tag (as in its slug) is a column of runs and
+    horizons, and the analysis fits each schedule (and the WSD trunks, read at their fork points)
+    as its own series. With wsd0.5, a trunk's fork at 2^15 tokens falls on the constant runs'
+    horizon 2^15: its rows must not join their slice."""
+    schedules = (
+        '[[schedules]]\nkind = "constant"\n'
+        '[[schedules]]\nkind = "wsd"\ndecay_fraction = 0.25\n'
+        '[[schedules]]\nkind = "wsd"\ndecay_fraction = 0.5\n'
+    )
+    sweep = Sweep.create(sim_spec(tmp_path / "s.toml", [15, 16], schedules), tmp_path / "r")
+    assert sweep.launch().states == {"completed": 5 * 7}  # a single; 2 x (trunk + 2 branches)
+    sweep.collect()
+    runs = sweep.table("runs")
+    for row in runs.itertuples():
+        tag = {"single": "constant", "trunk": "constant"}.get(row.kind, row.schedule)
+        assert row.schedule == tag and row.schedule in {"constant", "wsd0.25", "wsd0.5"}
+        assert row.kind == "trunk" or row.slug.split("_")[-1].split("-")[0] in (
+            row.schedule,
+            "D2^15",
+            "D2^16",
+        )
+    hz = sweep.table("horizons")
+    assert set(zip(hz.kind, hz.schedule, strict=True)) == {
+        ("single", "constant"),
+        ("trunk", "constant"),
+        ("branch", "wsd0.25"),
+        ("branch", "wsd0.5"),
+    }
+    assert ((hz.kind == "trunk") & (hz.tokens == 2**15)).any()  # the wsd0.5 trunk's fork
+    from sweeper.analysis.api import AnalysisOptions, analyze_tables
+
+    result = analyze_tables(sweep.root, AnalysisOptions(n_boot=0, plots=False))
+    layouts = set(result.optima["layout"])
+    assert layouts == {
+        "1:1:1 constant",
+        "1:1:1 constant trunk",
+        "1:1:1 wsd0.25 branch",
+        "1:1:1 wsd0.5 branch",
+    }
+    assert (result.points["n_seeds"] == 1).all()  # no slice mixes two runs at one rate
+    constant = result.optima[result.optima["layout"] == "1:1:1 constant"]
+    assert sorted(constant["tokens"]) == [2**15, 2**16]

@@ -228,9 +228,10 @@ def normalise(
 def layout_labels(df: pd.DataFrame) -> pd.Series:
     """Series label of each row: the per-group LR layout ``in:hidden:out`` as multiples of ``lr``.
 
-    ``1:1:1`` when the table has no per-group rates. When the table mixes schedules (``schedule``)
-    or decay branches with other runs (``kind``), the label gets the schedule and ``branch``
-    appended (``"1:1:1 wsd branch"``), so such runs never share a slice with constant-rate ones.
+    ``1:1:1`` when the table has no per-group rates. When the table mixes schedules (``schedule``,
+    a tag such as ``wsd0.2``) or WSD trunks and decay branches with other runs (``kind``), the
+    label gets the schedule and ``trunk``/``branch`` appended (``"1:1:1 wsd0.2 branch"``), so such
+    runs never share a slice with constant-rate ones.
     """
     if {"lr_in", "lr_hidden", "lr_out"} <= set(df.columns):
         ratios = [(df[c] / df["lr"]).map(_fmt_ratio) for c in ("lr_in", "lr_hidden", "lr_out")]
@@ -240,9 +241,12 @@ def layout_labels(df: pd.DataFrame) -> pd.Series:
     if "schedule" in df.columns and df["schedule"].nunique(dropna=True) > 1:
         label = label + " " + df["schedule"].fillna("unknown").astype(str)
     if "kind" in df.columns:
-        branch = df["kind"].astype(str) == "branch"
-        if branch.any() and not branch.all():
-            label = label + branch.map({True: " branch", False: ""})
+        kind = df["kind"].astype(str)
+        # a WSD trunk (read at its fork points) never joins the constant-rate runs' series
+        for name in ("trunk", "branch"):
+            hit = kind == name
+            if hit.any() and not hit.all():
+                label = label + hit.map({True: f" {name}", False: ""})
     return label
 
 

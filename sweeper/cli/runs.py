@@ -14,6 +14,7 @@ from sweeper import (
     Sweep,
     SweepSpec,
     calibrate,
+    check_launch,
     cost_rows,
     host_warning,
     load_spec,
@@ -23,8 +24,9 @@ from sweeper import (
 from sweeper.cli import results_dir, results_option
 from sweeper.cli.output import FORMATS, counts_line, emit, err, out
 from sweeper.cli.summary import optimum_tables, plan_rows, plan_summary
-from sweeper.spec import check_launch
 
+# Every command accepts --results before or after its name; these two write no sweep directory.
+_UNUSED_RESULTS = "Accepted like every command's; this one writes no sweep directory."
 _PLAN_COLUMNS = ["id", "kind", "model", "lr", "batch_size", "seed", "steps", "tokens", "flops"]
 
 
@@ -39,7 +41,8 @@ _PLAN_COLUMNS = ["id", "kind", "model", "lr", "batch_size", "seed", "steps", "to
     show_default=True,
     help="Runs shown with --runs in a table (0 = all); json/csv list every run.",
 )
-def plan_cmd(spec: str, fmt: str, per_run: bool, limit: int) -> int:
+@click.option("--results", "_results", default=None, help=_UNUSED_RESULTS)
+def plan_cmd(spec: str, fmt: str, per_run: bool, limit: int, _results: str | None) -> int:
     """Validate SPEC and show its cost per (model, B): runs, tokens, FLOPs, GPU-hours (with a
     [cost] throughput table); --runs lists every run. Writes nothing.
 
@@ -239,7 +242,8 @@ def cancel_cmd(ctx: click.Context, sweep: str, results_here: str | None) -> int:
     show_default=True,
     help="Where to write the table ([cost] throughput_file reads it).",
 )
-def calibrate_cmd(spec: str, steps: int, output: str) -> int:
+@click.option("--results", "_results", default=None, help=_UNUSED_RESULTS)
+def calibrate_cmd(spec: str, steps: int, output: str, _results: str | None) -> int:
     """Time a few training steps of each model of SPEC on this machine and write tokens/s per
     model, for [cost] throughput_file (run it on a node of the target cluster).
 

@@ -12,10 +12,18 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from sweeper import LiveView, RunProgress, RunState, StoreError, Sweep, filter_rows, natural_key
+from sweeper import (
+    LiveView,
+    RunProgress,
+    RunState,
+    StoreError,
+    Sweep,
+    filter_rows,
+    format_seconds,
+    natural_key,
+)
 from sweeper.cli import results_dir, results_option
 from sweeper.cli.output import FORMATS, cell, emit, out
-from sweeper.live import format_seconds
 
 COLUMNS = ["run_id", "state", "progress", "tokens", "train_loss", "output_norm", "tokens_per_s",
            "eta", "attempt", "reason"]  # fmt: skip

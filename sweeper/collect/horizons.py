@@ -1,8 +1,10 @@
 """Horizon rows: each run read off at its token budgets D.
 
 A run's horizons are its record's ``horizons_tokens`` plus those added later (``horizons.json``,
-``SweepStore.extra_horizons``). Horizon D is *reached* when the run's metrics have a line at step
-``D / tokens_per_step``; its row carries every float metric of that line
+``SweepStore.extra_horizons``), inside the run's own span: a run started from another's checkpoint
+(a WSD branch, a continuation) is never read off at or before its start step, where its first line
+repeats its parent's state (``sweeper.collect.run``). Horizon D is *reached* when the run's
+metrics have a line at step ``D / tokens_per_step``; its row carries every float metric of that line
 (``tables.HORIZON_METRICS``) and the smoothing window: the line and its logged neighbours, one
 on each side in the run's step order (the paper's {D-1, D, D+1}, as ``sweeper.analysis.smoothing``
 does by default). Runs with a ``problem`` get no horizon rows: their numbers are not trusted.

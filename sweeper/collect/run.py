@@ -8,7 +8,7 @@ its status (the store's, the same as ``sweeper status``), the trainer's files (`
 
 * ``run.json`` missing, corrupt, invalid, or naming another id;
 * ``config.json`` (what the trainer trained) differs from the record's ``train`` (the first
-  differing key is named), or is unreadable;
+  differing key is named; the row then shows neither file's values), or is unreadable;
 * ``summary.json`` says ``completed`` at a step other than the planned last one, or beyond the last
   step of ``metrics.jsonl``; says more steps than planned; disagrees with the events' ``completed``;
   is missing for a completed or diverged run, or is unreadable.
@@ -30,6 +30,7 @@ import orjson
 
 from sweeper.collect.scan import WATCHED, file_signature, stat_signature
 from sweeper.records import RecordError, RunRecord, RunState
+from sweeper.spec_protocol import schedule_tag
 from sweeper.store import EVENTS, HORIZONS, RECORD, RunStatus, SweepStore
 from trainer.config import ConfigError, ModelConfig, TrainConfig
 from trainer.schema import (
@@ -42,7 +43,7 @@ from trainer.schema import (
     Summary,
 )
 
-_NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO never blocks
 _FAILING = frozenset({RunState.FAILED, RunState.DIVERGED, RunState.CANCELLED, RunState.ERROR})
 # Keys of config.json that may differ from the record's train on purpose: the worker resolves them
 # for the machine the run ran on (sweeper.worker._write_trial).
@@ -77,6 +78,7 @@ class RunInfo:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     metrics: bytes = b""
+    config_mismatch: bool = False  # config.json disagrees with run.json: neither is believed
     files_read: bool = False  # False: the directory is missing or refused
     signature: str = ""  # the files as they were read (sweeper.collect.scan)
 
@@ -113,7 +115,7 @@ def _read_files(ctx: Context, files: RunFiles, info: RunInfo) -> None:
     info.record, raw_train = _load_record(files, run_id, info.problems)
     if info.record is not None:
         extra = ctx.store.extra_horizons(run_id) if files.stat(HORIZONS) != "-" else ()
-        info.horizons = tuple(sorted(set(info.record.horizons_tokens) | set(extra)))
+        info.horizons = _trained_horizons(info.record, extra, info.notes)
         info.planned_steps = _check_config(files, info, raw_train)
     info.summary = _load_summary(files, info.problems)
     info.provenance = files.load(PROVENANCE_FILE, info.notes) or {}
@@ -121,6 +123,29 @@ def _read_files(ctx: Context, files: RunFiles, info: RunInfo) -> None:
         info.metrics = files.read(METRICS_FILE) or b""
     except _Unreadable as e:
         info.notes.append(str(e))
+
+
+def _trained_horizons(
+    record: RunRecord, extra: tuple[int, ...], notes: list[str]
+) -> tuple[int, ...]:
+    """The horizons the run itself trains: its record's plus those of ``horizons.json``, inside
+    its span (after its start step, up to its last planned horizon).
+
+    A continuation or a decay branch starts at its parent's step: a horizon at or before that step
+    was trained by the parent, and is read off the parent's run, never this one (``SweepStore.
+    add_horizons`` never adds one; a hand-edited file may). Those left out are named in ``notes``.
+    """
+    start = record.start_step * record.tokens_per_step
+    last = record.horizons_tokens[-1] if record.horizons_tokens else 0
+    wanted = set(record.horizons_tokens) | set(extra)
+    kept = tuple(sorted(h for h in wanted if start < h <= last))
+    if len(kept) < len(wanted):
+        left = sorted(wanted - set(kept))
+        notes.append(
+            f"horizons {left} outside the run's span ({start}, {last}] tokens ignored "
+            f"(it starts at step {record.start_step})"
+        )
+    return kept
 
 
 class RunFiles:
@@ -235,6 +260,7 @@ def _check_config(files: RunFiles, info: RunInfo, raw_train: dict[str, Any] | No
     mismatch = config_mismatch(info.record.train, trained, info.horizons)
     if mismatch:
         info.problems.append(mismatch)
+        info.config_mismatch = True
         return planned
     return trained.total_steps  # horizons added before the start may have lengthened the run
 
@@ -329,7 +355,10 @@ def runs_row(ctx: Context, info: RunInfo, last: tuple[int, int] | None) -> dict[
     believed = info.summary is not None and problem is None
     row: dict[str, Any] = {"run_id": info.run_id, "sweep": ctx.sweep_name}
     if info.record is not None:
-        row.update(record_columns(info.record, info.horizons))
+        described = record_columns(info.record, info.horizons)
+        if info.config_mismatch:  # which of the two files is true is unknown: show neither
+            described = {k: described[k] for k in _IDENTITY}
+        row.update(described)
     row.update(_status_columns(info, ctx.store.stale_after_s))
     row.update(_summary_columns(info.summary, believed, last))
     row.update(_provenance_columns(info.provenance))
@@ -340,8 +369,17 @@ def runs_row(ctx: Context, info: RunInfo, last: tuple[int, int] | None) -> dict[
     return row
 
 
+# The record's columns kept when config.json and run.json disagree: what the run is called and
+# where it sits, not what it was trained with.
+_IDENTITY = ("sweep", "kind", "parent", "source", "model", "slug")
+
+
 def record_columns(record: RunRecord, horizons: tuple[int, ...]) -> dict[str, Any]:
-    """The columns that describe what the run is, from its record's properties."""
+    """The columns that describe what the run is, from its record's properties.
+
+    ``schedule`` is the schedule's tag (``constant``, ``wsd0.2``, ``cosine``: the schedules axis,
+    as in the slugs), so the analysis keeps each schedule a series of its own.
+    """
     cfg, o = record.train, record.train.optim
     m = cfg.model
     n_params, n_non_embedding = _param_counts(m)
@@ -368,7 +406,7 @@ def record_columns(record: RunRecord, horizons: tuple[int, ...]) -> dict[str, An
         "momentum": o.momentum,
         "weight_decay": o.weight_decay,
         "optim_output_norm": o.output_norm,
-        "schedule": cfg.schedule.kind,
+        "schedule": schedule_tag(cfg.schedule),
         "warmup_steps": cfg.schedule.warmup_steps,
         "batch_size": record.batch_size,
         "seed": record.seed,
@@ -376,7 +414,7 @@ def record_columns(record: RunRecord, horizons: tuple[int, ...]) -> dict[str, An
         "horizons_tokens": list(horizons),
         "steps": record.steps,
         "start_step": record.start_step,
-        "max_tokens": max(horizons),
+        "max_tokens": max(horizons, default=None),
         "trained_tokens": record.trained_tokens,
         "flops": record.flops,
     }

@@ -34,7 +34,7 @@ from trainer.schema import CONFIG_FILE, METRICS_FILE, PROVENANCE_FILE, SUMMARY_F
 
 CACHE_DIR = ".collect"
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3  # 3: schedule tags, span-checked horizons, mismatch rows
 WATCHED = (RECORD, HORIZONS, CONFIG_FILE, PROVENANCE_FILE, EVENTS, METRICS_FILE, SUMMARY_FILE)
 # States that can change without any watched file changing: a heartbeat ages into ``stale``.
 VOLATILE = frozenset({RunState.RUNNING.value, RunState.STALE.value})
