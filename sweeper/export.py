@@ -4,7 +4,9 @@ Tables: ``runs``, ``horizons``, ``metrics`` (written by ``sweeper collect``; exp
 first only when the table file does not exist yet, so an export never re-reads run directories
 behind the user's back) and ``optima`` (``analysis/optima.parquet``, written by ``sweeper
 analyze``). Without an output file the export goes to stdout (except Parquet, which is binary); an
-output file is written atomically (temp file in the same directory, then rename).
+output file is written atomically (temp file in the same directory, then rename). An output that
+is not a regular file (a device, a FIFO, ``/dev/stdout``) is written directly and never replaced,
+and a symlink keeps pointing where it did (its target is written).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -93,11 +97,38 @@ def load_table(sweep_dir: Path, table: str) -> pa.Table:
     return tables.read_table(path, table)
 
 
+_STREAMS = {"/dev/stdout": "stdout", "/dev/stderr": "stderr"}
+_DESCRIPTORS = ("/dev/fd/", "/proc/")  # an open descriptor (e.g. a shell redirection) by name
+
+
 def _write_file(data: pa.Table, fmt: str, out: Path) -> None:
-    if not out.parent.is_dir():
-        raise ExportError(f"-o {out}: directory {out.parent} does not exist")
+    """Write to ``out`` without ever replacing something that is not a regular file.
+
+    A regular file (or none) is replaced atomically; a symlink is followed and its target is
+    replaced (the link stays); a device, FIFO or socket (``/dev/null``, a named pipe) is written
+    directly, as a shell redirection would; ``/dev/stdout`` and ``/dev/stderr`` are the streams.
+    """
     try:
-        tables.atomic_write_bytes(out, lambda f: _write(data, fmt, f))
+        if str(out) in _STREAMS:
+            sink = getattr(sys, _STREAMS[str(out)]).buffer
+            _write(data, fmt, sink)
+            sink.flush()
+            return
+        try:
+            mode: int | None = os.stat(out).st_mode
+        except FileNotFoundError:
+            mode = None
+        if stat.S_ISDIR(mode or 0):
+            raise ExportError(f"-o {out}: is a directory")
+        if mode is not None and (not stat.S_ISREG(mode) or str(out).startswith(_DESCRIPTORS)):
+            flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_APPEND if stat.S_ISREG(mode) else 0)
+            with os.fdopen(os.open(out, flags), "wb") as f:
+                _write(data, fmt, f)
+            return
+        target = Path(os.path.realpath(out)) if os.path.islink(out) else out
+        if not target.parent.is_dir():
+            raise ExportError(f"-o {out}: directory {target.parent} does not exist")
+        tables.atomic_write_bytes(target, lambda f: _write(data, fmt, f))
     except OSError as e:
         raise ExportError(f"-o {out}: cannot write ({e.strerror or e})") from None
 

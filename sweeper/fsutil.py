@@ -71,13 +71,17 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path, max_bytes: int = 64 << 20) -> Any:
-    """Read a JSON file; StoreError naming the file if it is missing, not a regular file, larger
-    than ``max_bytes`` or corrupt."""
+    """Read a JSON file; StoreError naming the file if it is missing, not a regular file (a FIFO
+    is refused without blocking), larger than ``max_bytes`` or corrupt."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise StoreError(f"{path}: not a regular file")
+        # O_NONBLOCK: a FIFO opens at once (and is then refused) instead of waiting for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                kind = "is a directory" if stat.S_ISDIR(mode) else "not a regular file"
+                raise StoreError(f"{path}: {kind}")
             data = f.read(max_bytes + 1)
     except FileNotFoundError:
         raise StoreError(f"{path}: missing") from None

@@ -205,8 +205,8 @@ class _Planner:
                  "micro_batch_size": micro}  # fmt: skip
         cfg = _replace(base, optim=optim, **point, **changes)
         d = {**base_dict, **point, "horizons_tokens": list(horizons), "optim": optim_dict}
-        for key, value in changes.items():
-            d[key] = self._jsonable(value)
+        for name, value in changes.items():
+            d[name] = self._jsonable(value)
         return cfg, d
 
     def _optim(self, p: GridPoint) -> tuple[OptimConfig, dict[str, Any]]:

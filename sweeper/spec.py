@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-import os
-import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +59,7 @@ from sweeper.spec_values import (
     lr_value,
     name_value,
     number_in,
+    read_spec_file,
     seed_value,
     value_list,
 )
@@ -279,8 +278,6 @@ SECTIONS: dict[str, str] = {
 }
 
 
-# A real spec is a few kB (10,000 seeds: 60 kB); tomllib needs seconds per MiB of hostile input.
-MAX_SPEC_BYTES = 256 << 10
 MAX_RUNS_CAP = 10_000_000
 
 
@@ -315,35 +312,6 @@ def host_warning(spec: SweepSpec) -> str | None:
             raise
         return str(e)
     return None
-
-
-def read_spec_file(path: Path) -> str:
-    """The text of a spec file, checked to be a small regular UTF-8 file."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise SpecError(str(path), None, message="no such spec file") from None
-    except (OSError, ValueError) as e:
-        why = getattr(e, "strerror", None) or str(e)
-        raise SpecError(str(path), None, message=f"cannot read: {why}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise SpecError(str(path), None, message="not a regular file")
-    if st.st_size > MAX_SPEC_BYTES:
-        raise SpecError(str(path), None, message=f"larger than {MAX_SPEC_BYTES} bytes")
-    try:
-        # O_NONBLOCK: should the path be swapped for a FIFO after the check, open() cannot block
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise SpecError(str(path), None, message="not a regular file")
-            data = f.read(MAX_SPEC_BYTES + 1)
-        if len(data) > MAX_SPEC_BYTES:
-            raise SpecError(str(path), None, message=f"larger than {MAX_SPEC_BYTES} bytes")
-        return data.decode("utf-8")
-    except OSError as e:
-        raise SpecError(str(path), None, message=f"cannot read: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise SpecError(str(path), None, message="not UTF-8 text") from None
 
 
 def parse_spec_text(text: str, file: str) -> SweepSpec:
@@ -602,5 +570,5 @@ def _window(raw: dict[str, Any], file: str) -> LawWindow | None:
     # |slope| <= 16 and |intercept| <= 1024 (log2 units) hold any law a grid of 2^-40..2^10 fits
     a, b = (number_in(table[k], f"window.{k}", file, -16, 16) for k in ("a", "b"))
     c = number_in(table["c"], "window.c", file, -1024, 1024)
-    k = int_in(table.get("k", 4), "window.k", file, 0, 1000)
-    return LawWindow(a=a, b=b, c=c, k=k)
+    keep = int_in(table.get("k", 4), "window.k", file, 0, 1000)
+    return LawWindow(a=a, b=b, c=c, k=keep)

@@ -123,5 +123,5 @@ def _check_types(cls: type, raw: dict[str, Any], where: str, file: str) -> None:
             continue
         if (isinstance(v, bool) and base != "bool") or not isinstance(v, want):
             raise SpecError(file, key, v, f"expected {_TYPE_WORDS[base]}")
-        if base == "float":
+        if base == "float" and isinstance(v, int | float):
             raw[f.name] = float(v)

@@ -1,6 +1,6 @@
 """Validators of single spec values and axes, shared by the spec's ``[grid]`` and by
-``extra_points.json``; plus the checks every value of a spec file gets (nesting depth, control
-characters).
+``extra_points.json``; plus the checks every spec file gets (a small regular UTF-8 file, read
+without blocking) and every value in it (nesting depth, control characters).
 
 Every function raises :class:`~sweeper.errors.SpecError` naming the file, the key and the value.
 """
@@ -8,7 +8,10 @@ Every function raises :class:`~sweeper.errors.SpecError` naming the file, the ke
 from __future__ import annotations
 
 import math
+import os
 import re
+import stat
+from pathlib import Path
 from typing import Any
 
 from sweeper.errors import SpecError
@@ -33,6 +36,8 @@ MAX_AXIS = {
     "grid.lr_scales": 1024,
     "models": 256,
 }
+# A real spec is a few kB (10,000 seeds: 60 kB); tomllib needs seconds per MiB of hostile input.
+MAX_SPEC_BYTES = 256 << 10
 MAX_DEPTH = 8  # tables within tables; a real spec uses 3
 # Strings may not hold control characters (a newline in a SLURM field would add a line to the
 # batch script; a NUL cannot be passed to exec). Free text may hold newlines and tabs.
@@ -225,3 +230,32 @@ def deep_key(text: str) -> str | None:
         if depth > best_depth:
             best, best_depth = m.group(1).strip(), depth
     return best
+
+
+def read_spec_file(path: Path) -> str:
+    """The text of a spec file, checked to be a small regular UTF-8 file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SpecError(str(path), None, message="no such spec file") from None
+    except (OSError, ValueError) as e:
+        why = getattr(e, "strerror", None) or str(e)
+        raise SpecError(str(path), None, message=f"cannot read: {why}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SpecError(str(path), None, message="not a regular file")
+    if st.st_size > MAX_SPEC_BYTES:
+        raise SpecError(str(path), None, message=f"larger than {MAX_SPEC_BYTES} bytes")
+    try:
+        # O_NONBLOCK: should the path be swapped for a FIFO after the check, open() cannot block
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise SpecError(str(path), None, message="not a regular file")
+            data = f.read(MAX_SPEC_BYTES + 1)
+        if len(data) > MAX_SPEC_BYTES:
+            raise SpecError(str(path), None, message=f"larger than {MAX_SPEC_BYTES} bytes")
+        return data.decode("utf-8")
+    except OSError as e:
+        raise SpecError(str(path), None, message=f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise SpecError(str(path), None, message="not UTF-8 text") from None

@@ -250,7 +250,7 @@ class SweepStore:
             self._stale_after_s = DEFAULT_STALE_AFTER_S
             with contextlib.suppress(StoreError, TypeError, ValueError, AttributeError):
                 value = float(read_json(self.root / PLAN).get("stale_after_s"))
-                if value > 0:
+                if 0 < value < 1e9:  # NaN and infinity are not ages
                     self._stale_after_s = value
         return self._stale_after_s
 
@@ -355,8 +355,9 @@ class SweepStore:
         return read_events(self.run_dir(run_id))
 
     def append_event(self, run_id: str, state: str | RunState, **fields: Any) -> RunEvent:
-        """Append an event to run ``run_id`` (see :func:`append_event`)."""
-        return append_event(self.run_dir(run_id), state, **fields)
+        """Append an event to run ``run_id`` (see :func:`append_event`); StoreError if its
+        directory is a symlink or not a directory (never written through)."""
+        return append_event(self._real_dir(run_id), state, **fields)
 
     def append_if(
         self,
@@ -432,8 +433,13 @@ class SweepStore:
 
     @contextlib.contextmanager
     def run_lock(self, run_id: str, timeout_s: float | None = 0) -> Iterator[bool]:
-        """The run's lock (held by its worker and trainer); yields False if not had in time."""
-        with _locked(self.run_dir(run_id) / ".lock", timeout_s) as got:
+        """The run's lock (held by its worker and trainer); yields False if not had in time, or
+        if the run directory is a symlink or not a directory (no lock is created through it)."""
+        rd = self.run_dir(run_id)
+        if os.path.islink(rd) or not os.path.isdir(rd):
+            yield False
+            return
+        with _locked(rd / ".lock", timeout_s) as got:
             yield got
 
 
@@ -444,7 +450,10 @@ def _locked(path: Path, timeout_s: float | None) -> Iterator[bool]:
     except OSError as e:
         raise StoreError(f"{path}: cannot lock ({e.strerror})") from None
     try:
-        got = try_flock(fd, timeout_s)
+        try:
+            got = try_flock(fd, timeout_s)
+        except OSError as e:  # e.g. a Lustre client mounted with noflock
+            raise StoreError(f"{path}: cannot lock ({e.strerror or e})") from None
         try:
             yield got
         finally:

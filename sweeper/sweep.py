@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 SPEC_FILE = "spec.toml"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 EXTRA_POINTS = "extra_points.json"
 # Files a --restart removes; a completed run is never restarted.
 _RESTART_FILES = ("metrics.jsonl", "summary.json", "config.json", "provenance.json", "heartbeat")
@@ -86,6 +88,16 @@ def _single(r: RunRecord) -> bool:
     return r.kind == RunKind.SINGLE
 
 
+def _check_results(results: str | Path) -> None:
+    """The results directory's absolute path may hold no control character: it is written into
+    job scripts (a newline in ``#SBATCH --output=...`` would end the line and run the rest)."""
+    path = os.path.abspath(results)
+    if _CONTROL.search(path):
+        raise SpecError(
+            "<cli>", "--results", path, "newlines and control characters are not allowed"
+        )
+
+
 class Sweep:
     """A sweep directory and its spec. Build one with :meth:`create` or :meth:`open`."""
 
@@ -122,6 +134,7 @@ class Sweep:
         """
         if not isinstance(spec, SweepSpec):
             spec = load_spec(spec)
+        _check_results(results)
         name = backend or spec.backend.name
         load_backend(name, spec.backend.config(name))
         sweep = cls(SweepStore(Path(results) / spec.name), spec)
@@ -136,6 +149,7 @@ class Sweep:
             # a sweep without its plan.json (deleted, damaged) still opens: the runs are listed
             has_runs = (cand / PLAN).is_file() or (cand / "runs").is_dir()
             if (cand / SPEC_FILE).is_file() and has_runs:
+                _check_results(cand)
                 store = SweepStore(cand)
                 path = cand / SPEC_FILE
                 return cls(store, parse_spec_text(read_spec_file(path), str(path)))
@@ -285,7 +299,9 @@ class Sweep:
         with self.store.lock():
             backend.reconcile(self.store)
             runs = self._select(wanted)
-            if restart:
+            if restart:  # every run is checked before any file is deleted
+                for r in runs:
+                    self._check_restart(r.id)
                 for r in runs:
                     self.restart_run(r.id)
             if backend.blocking:
@@ -324,17 +340,23 @@ class Sweep:
                 r.id, RunState.SUBMITTED, backend=backend, host=hostname(), pid=os.getpid()
             )
 
-    def restart_run(self, run_id: str) -> None:
-        """Delete a non-completed run's checkpoints and metrics so it starts from step 0."""
+    def _check_restart(self, run_id: str) -> Path:
+        """The directory of a run that may be restarted; StoreError for a completed run, or for a
+        run directory, ``ckpt/`` or file to delete that is a symlink (never deleted through)."""
         if self.store.status(run_id).state in (RunState.COMPLETED, RunState.STOPPED):
             raise StoreError(f"run {run_id}: completed; refusing to delete its data")
         rd = self.store.run_dir(run_id)
-        for name in ("ckpt", *_RESTART_FILES):
-            if os.path.islink(rd / name):
+        for path in (rd, *(rd / name for name in ("ckpt", *_RESTART_FILES))):
+            if os.path.islink(path):
                 raise StoreError(
-                    f"{rd / name}: is a symlink; refusing to restart through it "
+                    f"{path}: is a symlink; refusing to restart through it "
                     "(symlinks inside run directories are not supported, see docs/clusters.md)"
                 )
+        return rd
+
+    def restart_run(self, run_id: str) -> None:
+        """Delete a non-completed run's checkpoints and metrics so it starts from step 0."""
+        rd = self._check_restart(run_id)
         shutil.rmtree(rd / "ckpt", ignore_errors=True)
         for name in _RESTART_FILES:
             (rd / name).unlink(missing_ok=True)

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -26,12 +27,14 @@ from sweeper.errors import StoreError
 from sweeper.external import render_command, resume_checkpoint
 from sweeper.records import RecordError, RunRecord, RunState
 from sweeper.store import (
+    EVENTS,
     SweepStore,
     append_event,
     hostname,
     open_in_run_dir,
     process_start,
     read_events,
+    read_json,
     same_process,
     touch,
     try_flock,
@@ -148,11 +151,12 @@ def run_trial(
         wait_lock_s: How long to wait for the run's lock (e.g. held by a dying orphan trainer).
 
     Returns:
-        ``{"run_id", "state", "exit_code"}``; ``state`` is the run's current state when the run was
-        already completed or locked by another worker (then ``skipped`` is True).
+        ``{"run_id", "state", "exit_code"}``; ``skipped`` is True when the run was completed or
+        locked by another worker (``state``: its state) or its directory is unsafe (``error``).
     """
-    store = SweepStore(Path(sweep_dir))
-    run_dir = store.run_dir(run_id)
+    run_dir = (store := SweepStore(Path(sweep_dir))).run_dir(run_id)
+    if (refused := _refuse_unsafe(run_dir)) is not None:
+        return refused
     # The flock belongs to this open file description; the trainer inherits the descriptor, so the
     # run stays locked until the trainer itself exits (an orphan of a killed launcher included).
     lock_fd = open_in_run_dir(run_dir, ".lock", os.O_RDWR | os.O_CREAT)
@@ -182,6 +186,23 @@ def run_trial(
         )
     finally:
         os.close(lock_fd)
+
+
+def _refuse_unsafe(run_dir: Path) -> dict[str, Any] | None:
+    """A skipped result if nothing may be written into ``run_dir``, not even the failure (a
+    symlink or not a directory, or a lock or events file that is not a regular file: a write
+    would leave the sweep or block); ``status`` shows such a run as ``error`` with the reason."""
+    why = None
+    if os.path.islink(run_dir) or not os.path.isdir(run_dir):
+        why = f"{run_dir}: not a real directory (a symlink, a file or missing); refused"
+    for name in (".lock", EVENTS):
+        with contextlib.suppress(FileNotFoundError):
+            if why is None and not stat.S_ISREG(os.lstat(run_dir / name).st_mode):
+                why = f"{run_dir / name}: not a regular file (a symlink, a directory or a FIFO)"
+    if why is None:
+        return None
+    return {"run_id": run_dir.name, "state": "error", "exit_code": None, "skipped": True,
+            "reason": why}  # fmt: skip
 
 
 def _refuse_symlinks(run_dir: Path) -> None:
@@ -266,13 +287,19 @@ def _write_pid(run_dir: Path, pid: int) -> None:
 
 
 def signal_trainer(run_dir: Path, sig: int) -> bool:
-    """Send ``sig`` to the run's trainer if ``trainer.pid`` still names it; True if sent."""
+    """Send ``sig`` to the run's trainer if ``trainer.pid`` still names it (its pid and start
+    time; without a start time only where there is no procfs to tell); True if sent. The file is
+    read without following a symlink or blocking on a FIFO."""
     try:
-        raw = json.loads((run_dir / TRAINER_PID).read_text())
-        pid, start = int(raw["pid"]), raw.get("start")
-    except (OSError, ValueError, TypeError, KeyError):
+        raw = read_json(run_dir / TRAINER_PID, 4096)
+        pid, start = raw["pid"], raw.get("start")
+    except (StoreError, TypeError, KeyError, AttributeError):
         return False
-    if pid <= 1 or not same_process(pid, start if isinstance(start, int) else None):
+    if type(pid) is not int or pid <= 1 or not (type(start) is int or start is None):
+        return False
+    if start is None and process_start(pid) is not None:
+        return False  # procfs could tell, but the file cannot: not provably ours
+    if not same_process(pid, start):
         return False
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, sig)

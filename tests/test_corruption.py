@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from sweeper import Sweep
+from sweeper import Sweep, tables
 from sweeper.cli import main
 from sweeper.store import SweepStore
 from trainer.schema import CKPT_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
@@ -67,15 +67,22 @@ def _finish(store: SweepStore, rid: str, state: str) -> None:
     store.append_event(rid, "submitted", backend="local", host="node1", pid=100)
     store.append_event(rid, "running", backend="local", host="node1", pid=101)
     rd = store.run_dir(rid)
-    lines = [{"step": s, "tokens": s * 64, "train_loss": 5.0 - s / 10} for s in (0, 4, 8)]
+    record = store.load_record(rid)
+    last, per_step = record.steps, record.tokens_per_step
+    lines = [
+        {"step": s, "tokens": s * per_step, "train_loss": 5.0 - s / 100}
+        for s in range(0, last + 1, 4)
+    ]
     (rd / METRICS_FILE).write_text("".join(json.dumps(x) + "\n" for x in lines))
-    (rd / CONFIG_FILE).write_text(json.dumps(store.load_record(rid).train.to_dict()))
+    (rd / CONFIG_FILE).write_text(json.dumps(record.train.to_dict()))
     (rd / CKPT_DIR).mkdir()
     (rd / CKPT_DIR / "step_8.pt").write_bytes(os.urandom(256))
     if state == "completed":
-        (rd / SUMMARY_FILE).write_text(
-            json.dumps({"status": "completed", "step": 8, "tokens": 512})
-        )
+        summary = {"status": "completed", "step": last, "tokens": last * per_step}
+        (rd / SUMMARY_FILE).write_text(json.dumps(summary))
+    elif state == "diverged":
+        summary = {"status": "diverged", "step": 8, "tokens": 8 * per_step, "diverged_step": 8}
+        (rd / SUMMARY_FILE).write_text(json.dumps(summary))
     codes = {"completed": 0, "failed": 1, "cancelled": 75, "diverged": 3}
     store.append_event(rid, state, backend="local", exit_code=codes[state], reason=f"it {state}")
 
@@ -91,6 +98,8 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert len(ids) == len(STORIES)
     for rid, state in zip(ids, STORIES, strict=True):
         _finish(store, rid, state)
+    result = Sweep.open(store.root).collect()  # each case's collect then re-reads only its damage
+    assert result.problems == {}, result.problems
     return root
 
 
@@ -294,6 +303,10 @@ DAMAGES = [
     Damage("event-reason-list", F, append(_event_line(reason=["a"])), "error", EV),
     Damage("event-host-int", F, append(_event_line(host=5)), "error", EV),
     Damage("event-not-an-event", F, append(b'{"foo": 1}'), "error", EV),
+    Damage("event-ts-nan", F, append(b'{"ts": NaN, "state": "failed", "attempt": 1}'), "error", EV),
+    Damage(
+        "event-ts-overflow", F, append(_event_line(ts=1).replace(b"1,", b"1e999,")), "error", EV
+    ),
     Damage("event-array", F, append(b"[1, 2]"), "error", EV),
     Damage("event-number", F, append(b"5"), "error", EV),
     Damage("event-plain-text", F, append(b"hello world"), "error", EV),
@@ -347,7 +360,9 @@ DAMAGES = [
     Damage("horizons-garbage", C, replace("horizons.json", text("[[[")), "same"),
     Damage("horizons-directory", C, replace("horizons.json", a_dir), "same"),
     Damage("horizons-fifo", C, replace("horizons.json", a_fifo), "same"),
-    Damage("run-lock-directory", F, replace(".lock", a_dir), "same"),
+    Damage("run-lock-directory", F, replace(".lock", a_dir), "error", ".lock"),
+    Damage("run-lock-symlink-outside", F, replace(".lock", link_outside), "error", ".lock"),
+    Damage("run-lock-completed", C, replace(".lock", a_fifo), "same", ".lock"),
     Damage("summary-corrupt", C, replace(SUMMARY_FILE, text("{nope")), "same"),
     Damage("metrics-garbage", C, replace(METRICS_FILE, text(b"\xff\x00[1,\n{}\n")), "same"),
     Damage("metrics-directory", C, replace(METRICS_FILE, a_dir), "same"),
@@ -355,6 +370,9 @@ DAMAGES = [
     # ---- sweep-level files
     Damage("plan-runs-int", F, at_sweep("plan.json", json_of({"runs": 5})), "sweep"),
     Damage("plan-corrupt", F, at_sweep("plan.json", text("{{{")), "sweep"),
+    Damage(
+        "plan-stale-after-inf", F, at_sweep("plan.json", text('{"stale_after_s": 1e999}')), "sweep"
+    ),
     Damage("plan-missing", F, at_sweep("plan.json", nothing), "sweep"),
     Damage("plan-directory", F, at_sweep("plan.json", a_dir), "sweep", "plan.json"),
     Damage("plan-fifo", F, at_sweep("plan.json", a_fifo), "sweep", "plan.json"),
@@ -381,6 +399,15 @@ DAMAGES = [
         "sweep",
         "extra_points.json",
     ),  # fmt: skip
+    Damage(
+        "extra-points-nan",
+        F,
+        at_sweep(
+            "extra_points.json", text('[{"model": "test-micro", "lr": NaN, "batch_size": 4}]')
+        ),
+        "sweep",
+        "extra_points.json",
+    ),
     Damage(
         "extra-points-fifo", F, at_sweep("extra_points.json", a_fifo), "sweep", "extra_points.json"
     ),  # fmt: skip
@@ -463,6 +490,23 @@ def check_start(w: World, d: Damage, code: int, out: str, err: str) -> None:
             assert w.ids[d.target] not in out, out
 
 
+def check_collect(w: World, d: Damage, code: int, err: str) -> None:
+    """A collect: no traceback; every undamaged run keeps a row without a problem (a damaged
+    sweep-level input may refuse with one line)."""
+    if code == 2:
+        assert d.expect == "sweep", err
+        assert len([x for x in err.splitlines() if x.startswith("error: ")]) == 1, err
+        return
+    assert code in (0, 1), err
+    rows = {r["run_id"]: r for r in tables.read_sweep_table(w.store.root, "runs").to_pylist()}
+    target = w.ids[d.target] if isinstance(d.target, int) else d.target
+    for i, rid in enumerate(w.ids):
+        if rid != target or d.expect in ("sweep", "stray"):
+            assert rows[rid]["state"] == STORIES[i] and rows[rid]["problem"] is None, rows[rid]
+    if d.expect == "error" and target in rows:
+        assert rows[target]["problem"] or rows[target]["state"] == "error", rows[target]
+
+
 @pytest.mark.parametrize("d", DAMAGES, ids=[d.id for d in DAMAGES])
 def test_damage_stays_with_its_run(
     d: Damage, world: World, capsys: pytest.CaptureFixture[str]
@@ -487,6 +531,9 @@ def test_damage_stays_with_its_run(
     code, out, err = run_cli(capsys, "launch", str(w.spec), *res, "--no-progress")
     check_start(w, d, code, out, err)
 
+    code, out, err = run_cli(capsys, "collect", "c", *res)
+    check_collect(w, d, code, err)
+
     assert completed_files(w) == kept, "a completed run's files changed"
     assert files_of(w.outside) == outside, "something was written outside the sweep"
     code, out, err = run_cli(capsys, "status", "c", *res, "--format", "json")
@@ -496,3 +543,58 @@ def test_damage_stays_with_its_run(
 
 def test_at_least_forty_corruptions() -> None:
     assert len(DAMAGES) >= 40
+
+
+# ------------------------------------------------------------------ silent wrong data (collect)
+
+
+def _edit_lr(w: World, rd: Path) -> None:
+    doc = json.loads((rd / "run.json").read_text())
+    doc["train"]["optim"]["lr"] = 0.5  # what a careless edit after the run would do
+    (rd / "run.json").write_text(json.dumps(doc))
+
+
+def _summary_early(w: World, rd: Path) -> None:
+    (rd / SUMMARY_FILE).write_text(json.dumps({"status": "completed", "step": 3, "tokens": 96}))
+
+
+def _summary_late(w: World, rd: Path) -> None:
+    (rd / SUMMARY_FILE).write_text(json.dumps({"status": "completed", "step": 10**6, "tokens": 1}))
+
+
+def _record_deleted(w: World, rd: Path) -> None:
+    (rd / "run.json").unlink()
+
+
+WRONG_DATA = {
+    "run-json-edited-after-the-run": (_edit_lr, "config.json optim.lr"),
+    "summary-completed-early": (_summary_early, "summary.json says completed at step 3"),
+    "summary-beyond-the-plan": (_summary_late, "summary.json says"),
+    "run-json-deleted": (_record_deleted, "run.json: missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_DATA))
+def test_collect_does_not_believe_wrong_data(
+    case: str, world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The damaged completed run keeps its row (and its place in ``status``) with the reason, and
+    lends no number to the tables; the other runs are untouched."""
+    w, (damage, why) = world, WRONG_DATA[case]
+    damage(w, w.rd(C))
+    res = ["--results", str(w.results)]
+    code, _, err = run_cli(capsys, "collect", "c", *res)
+    assert code in (0, 1), err
+    runs = tables.read_sweep_table(w.store.root, "runs").to_pylist()
+    rows = {r["run_id"]: r for r in runs}
+    bad = rows[w.ids[C]]
+    assert bad["state"] == "completed" and why in (bad["problem"] or ""), bad
+    assert bad["final_loss"] is None, bad
+    assert 0.5 not in [r["lr"] for r in runs]
+    horizons = tables.read_sweep_table(w.store.root, "horizons").to_pylist()
+    assert w.ids[C] not in {h["run_id"] for h in horizons}
+    for i, rid in enumerate(w.ids):
+        if i != C:
+            assert rows[rid]["problem"] is None and rows[rid]["state"] == STORIES[i], rows[rid]
+    code, out, err = run_cli(capsys, "status", "c", *res, "--format", "json")
+    assert {r["run_id"]: r["state"] for r in json.loads(out)}[w.ids[C]] == "completed"

@@ -335,30 +335,30 @@ CASES = [
     ),
     Case(
         "sbatch-extra-bad-key",
-        sect("backend.slurm", sbatch_extra='{"gres;x" = "gpu:1"}'),
-        "backend.slurm.sbatch_extra.gres;x",
-        "gpu:1",
+        sect("backend.slurm", sbatch_extra='["gres;x=gpu:1"]'),
+        "backend.slurm.sbatch_extra",
+        "gres;x=gpu:1",
     ),
     Case(
         "sbatch-extra-key-space",
-        sect("backend.slurm", sbatch_extra='{"mail user" = "me"}'),
-        "backend.slurm.sbatch_extra.mail user",
-        "me",
+        sect("backend.slurm", sbatch_extra='["mail user=me"]'),
+        "backend.slurm.sbatch_extra",
+        "mail user=me",
     ),
     Case(
         "sbatch-extra-newline-value",
-        sect("backend.slurm", sbatch_extra='{gres = "gpu:1\\n#SBATCH --x"}'),
-        "backend.slurm.sbatch_extra.gres",
+        sect("backend.slurm", sbatch_extra='["gres=gpu:1\\n#SBATCH --x"]'),
+        "backend.slurm.sbatch_extra",
         "gpu:1\\n",
     ),
     Case(
         "sbatch-extra-nested",
-        sect("backend.slurm", sbatch_extra="{gres = {a = 1}}"),
-        "backend.slurm.sbatch_extra.gres",
-        "{'a': 1}",
+        sect("backend.slurm", sbatch_extra='[{gres = "gpu:1"}]'),
+        "backend.slurm.sbatch_extra",
+        "{'gres': 'gpu:1'}",
     ),
     Case(
-        "sbatch-extra-not-table",
+        "sbatch-extra-not-list",
         sect("backend.slurm", sbatch_extra='"--gres=gpu:1"'),
         "backend.slurm.sbatch_extra",
         "--gres",
@@ -367,8 +367,12 @@ CASES = [
     # ---- caps on the total and on each axis
     Case(
         "grid-1e9-runs",
-        grid(lr="{log2_from = -40, log2_to = 9.995, log2_step = 0.005}", seeds=SEEDS_10K,
-             batch_size=BATCH_10, horizons_tokens="[1048576]"),  # fmt: skip
+        grid(
+            lr="{log2_from = -40, log2_to = 9.995, log2_step = 0.005}",
+            seeds=SEEDS_10K,
+            batch_size=BATCH_10,
+            horizons_tokens="[1048576]",
+        ),  # fmt: skip
         "grid",
         "1000000000 runs",
     ),
@@ -423,11 +427,20 @@ CASES = [
     Case("toml-syntax", text='name = "h"\nname =\n'),
     Case("toml-duplicate-key", text='name = "a"\nname = "b"\n'),
     Case("unknown-top-table", append="[colour]\nred = 1\n", key="colour"),
-    Case("grid-not-a-table", text='name = "h"\ngrid = 5\n[[models]]\npreset = "test-micro"\n',
-         key="grid", value="5"),  # fmt: skip
-    Case("models-not-an-array", text=render(append="").replace(
-        '[[models]]\npreset = "test-micro"\n', "").replace('name = "h"', 'name = "h"\nmodels = "x"'),
-        key="models", value="'x'"),  # fmt: skip
+    Case(
+        "grid-not-a-table",
+        text='name = "h"\ngrid = 5\n[[models]]\npreset = "test-micro"\n',
+        key="grid",
+        value="5",
+    ),  # fmt: skip
+    Case(
+        "models-not-an-array",
+        text=render()
+        .replace('[[models]]\npreset = "test-micro"\n', "")
+        .replace('name = "h"', 'name = "h"\nmodels = "x"'),
+        key="models",
+        value="'x'",
+    ),
     Case("nesting-arrays-20000", text='name = "h"\nx = ' + "[" * DEEP + "]" * DEEP, key="x"),
     Case(
         "nesting-inline-tables-20000",
@@ -442,6 +455,32 @@ CASES = [
         sect("", description='"\\u001b]0;pwned\\u0007"'),
         "description",
         "\\x1b]0;pwned",
+    ),
+    # ---- injection into the job script: every SLURM string (a newline would end #SBATCH lines)
+    *(
+        Case(
+            f"slurm-{key}-control",
+            sect("backend.slurm", **{key: toml}),
+            f"backend.slurm.{key}",
+            shown,
+        )
+        for key, toml, shown in (
+            ("sbatch_extra", '["gr\\nes=gpu:1"]', "gr\\nes"),
+            ("env", '["A=1\\nrm -rf x"]', "A=1\\nrm"),
+            ("python", '"python3\\nrm -rf x"', "python3\\nrm"),
+            ("setup", '["module load x\\nrm -rf y"]', "module load x\\nrm"),
+            ("qos", '"normal\\r"', "normal\\r"),
+            ("constraint", '"a\\tb"', "a\\tb"),
+        )
+    ),
+    Case(
+        "slurm-env-bad-name", sect("backend.slurm", env='["A B=1"]'), "backend.slurm.env", "A B=1"
+    ),
+    Case(
+        "sbatch-extra-owned",
+        sect("backend.slurm", sbatch_extra='["array=0-99"]'),
+        "backend.slurm.sbatch_extra",
+        "array=0-99",
     ),
 ]
 
@@ -716,16 +755,31 @@ BAD_INVOCATIONS: list[tuple[str, list[str], str]] = [
     ("resume-not-a-sweep", ["resume", "{tmp}/cwd"], "cwd"),
     ("collect-unknown-sweep", ["collect", "nope", "--results", "{results}"], "nope"),
     ("cancel-unknown-sweep", ["cancel", "nope", "--results", "{results}"], "nope"),
-    ("export-unknown-sweep", ["export", "nope", "--table", "runs", "--results", "{results}"],
-     "nope"),  # fmt: skip
-    ("launch-max-parallel-zero", ["launch", "{spec}", "--results", "{results}",
-                                  "--max-parallel", "0"], "--max-parallel"),  # fmt: skip
-    ("launch-max-parallel-text", ["launch", "{spec}", "--results", "{results}",
-                                  "--max-parallel", "abc"], "--max-parallel"),  # fmt: skip
-    ("launch-max-parallel-1e9", ["launch", "{spec}", "--results", "{results}",
-                                 "--max-parallel", "1000000000"], "1000000000"),  # fmt: skip
-    ("launch-unknown-backend", ["launch", "{spec}", "--results", "{results}", "--backend", "k8s"],
-     "k8s"),  # fmt: skip
+    (
+        "export-unknown-sweep",
+        ["export", "nope", "--table", "runs", "--results", "{results}"],
+        "nope",
+    ),  # fmt: skip
+    (
+        "launch-max-parallel-zero",
+        ["launch", "{spec}", "--results", "{results}", "--max-parallel", "0"],
+        "--max-parallel",
+    ),  # fmt: skip
+    (
+        "launch-max-parallel-text",
+        ["launch", "{spec}", "--results", "{results}", "--max-parallel", "abc"],
+        "--max-parallel",
+    ),  # fmt: skip
+    (
+        "launch-max-parallel-1e9",
+        ["launch", "{spec}", "--results", "{results}", "--max-parallel", "1000000000"],
+        "1000000000",
+    ),  # fmt: skip
+    (
+        "launch-unknown-backend",
+        ["launch", "{spec}", "--results", "{results}", "--backend", "k8s"],
+        "k8s",
+    ),  # fmt: skip
     ("launch-results-is-a-file", ["launch", "{spec}", "--results", "{file}"], "{file}"),
     ("launch-results-under-a-file", ["launch", "{spec}", "--results", "{file}/sub"], "{file}"),
     ("global-results-is-a-file", ["--results", "{file}", "status", "h"], "{file}"),
@@ -738,12 +792,21 @@ BAD_INVOCATIONS: list[tuple[str, list[str], str]] = [
     ("status-bad-format", ["status", "{sweep}", "--format", "yaml"], "yaml"),
     ("export-unknown-table", ["export", "{sweep}", "--table", "foo"], "foo"),
     ("export-bad-format", ["export", "{sweep}", "--table", "runs", "--format", "xml"], "xml"),
-    ("export-into-missing-dir", ["export", "{sweep}", "--table", "runs", "-o", "{tmp}/no/x.csv"],
-     "{tmp}/no"),  # fmt: skip
-    ("export-onto-a-directory", ["export", "{sweep}", "--table", "runs", "-o", "{tmp}/cwd"],
-     "cwd"),  # fmt: skip
-    ("resume-max-parallel-1e9", ["resume", "{sweep}", "--max-parallel", "1000000000"],
-     "1000000000"),  # fmt: skip
+    (
+        "export-into-missing-dir",
+        ["export", "{sweep}", "--table", "runs", "-o", "{tmp}/no/x.csv"],
+        "{tmp}/no",
+    ),  # fmt: skip
+    (
+        "export-onto-a-directory",
+        ["export", "{sweep}", "--table", "runs", "-o", "{tmp}/cwd"],
+        "cwd",
+    ),  # fmt: skip
+    (
+        "resume-max-parallel-1e9",
+        ["resume", "{sweep}", "--max-parallel", "1000000000"],
+        "1000000000",
+    ),  # fmt: skip
     ("resume-unknown-backend", ["resume", "{sweep}", "--backend", "k8s"], "k8s"),
     ("launch-unknown-option", ["launch", "{spec}", "--paralel", "2"], "--paralel"),
 ]

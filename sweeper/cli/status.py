@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -184,7 +186,7 @@ def watch_view(
     "--stderr",
     "which",
     flag_value="stderr.log",
-    default=False,
+    default=None,
     help="Show stderr.log instead of stdout.log.",
 )
 @click.option("--follow", "-f", is_flag=True, help="Keep printing what is appended (Ctrl-C).")
@@ -195,7 +197,7 @@ def logs_cmd(
     ctx: click.Context,
     run: str,
     sweep_name: str | None,
-    which: str | bool,
+    which: str | None,
     follow: bool,
     lines: int,
     results_here: str | None,
@@ -209,7 +211,7 @@ def logs_cmd(
     """
     results = results_dir(ctx, results_here)
     run_dir = find_run(results, run, sweep_name)
-    path = run_dir / (which if isinstance(which, str) else "stdout.log")
+    path = run_dir / (which or "stdout.log")
     if not path.exists():
         click.echo(f"{path}: nothing written yet", err=True)
         if not follow:
@@ -244,23 +246,41 @@ def find_run(results: Path, run: str, sweep: str | None) -> Path:
 def tail(path: Path, lines: int, follow: bool) -> None:
     """Print the last ``lines`` lines of ``path``; with ``follow``, then what is appended."""
     pos = 0
-    if path.exists():
-        data = path.read_bytes()
+    if os.path.lexists(path):
+        data, pos = read_log(path, 0)
         text = data.decode("utf-8", "replace").splitlines()
         for line in text[-lines:] if lines else []:
             click.echo(line)
-        pos = len(data)
     while follow:
         time.sleep(0.5)
         try:
-            size = os.path.getsize(path)
+            size = os.lstat(path).st_size
         except OSError:
             continue
         if size < pos:
             pos = 0  # truncated or replaced
         if size > pos:
-            with open(path, "rb") as f:
-                f.seek(pos)
-                chunk = f.read()
-            pos += len(chunk)
+            chunk, pos = read_log(path, pos)
             click.echo(chunk.decode("utf-8", "replace"), nl=False)
+
+
+MAX_LOG_BYTES = 8 << 20  # what one read of a log shows at most (its end)
+_LOG_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def read_log(path: Path, pos: int) -> tuple[bytes, int]:
+    """A run log's bytes from ``pos`` (at most its last 8 MiB) and its new end. A symlink, FIFO or
+    device is refused (StoreError), never followed, waited on or read without end."""
+    try:
+        fd = os.open(path, _LOG_FLAGS)
+    except OSError as e:
+        why = "a symlink; refused" if e.errno == errno.ELOOP else f"cannot read ({e.strerror})"
+        raise StoreError(f"{path}: {why}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"{path}: not a regular file; refused")
+        start = max(pos, st.st_size - MAX_LOG_BYTES)
+        f.seek(start)
+        data = f.read(st.st_size - start)
+    return data, start + len(data)
