@@ -18,9 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from sweeper.launch import claim, prepare_sweep, select_runs
+
 from sweeper.backends import LaunchOptions
 from sweeper.backends.local import LocalBackend
-from sweeper.launch import claim, prepare_sweep, select_runs
 
 SCRIPT = """#!/bin/sh
 # usage: fake --run RUN.json --out DIR

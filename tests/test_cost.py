@@ -54,8 +54,8 @@ def test_confirmation_thresholds(tmp_path: Path) -> None:
 def test_launch_refuses_without_yes_when_not_interactive(tmp_path: Path) -> None:
     spec = _spec(tmp_path, "confirm_runs = 3\n")
     results = tmp_path / "results"
-    r = subprocess.run([SWEEPER, "launch", str(spec), "--results", str(results), "--no-progress"],
-                       capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)  # fmt: skip
+    cmd = [SWEEPER, "launch", str(spec), "--results", str(results), "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
     assert r.returncode == 2 and "pass --yes" in r.stderr and "Traceback" not in r.stderr
     assert not results.exists()
     r = subprocess.run([SWEEPER, "launch", str(spec), "--results", str(results), "--no-progress",

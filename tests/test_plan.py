@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 
@@ -10,8 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sweeper.errors import SpecError
-import dataclasses
-
 from sweeper.plan import GridPoint, _replace, extra_point, log2_tag, plan_sweep
 from sweeper.records import RunRecord, run_id
 from sweeper.spec import SweepSpec, branch_step, parse_spec_text

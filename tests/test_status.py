@@ -77,9 +77,8 @@ def test_watch_refreshes_a_running_sweep(tmp_path: Path) -> None:
         sweep_dir = results / "fake"
         _wait_for(lambda: (sweep_dir / "plan.json").exists())
         sweep = Sweep.open(sweep_dir)
-        _wait_for(lambda: all(
-            last_metrics(str(sweep.store.run_dir(r) / "metrics.jsonl")) for r in sweep.store.run_ids()
-        ))  # fmt: skip
+        metrics = [sweep.store.run_dir(r) / "metrics.jsonl" for r in sweep.store.run_ids()]
+        _wait_for(lambda: all(last_metrics(str(m)) for m in metrics))
         view = LiveView(sweep)
         console = Console(record=True, width=200, force_terminal=False)
         watch_view(view, lambda rows: sorted(rows, key=natural_key), 0.3, "fake",
