@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -194,7 +194,8 @@ def main() -> None:
     }
     wanted = args.backends.split(",")
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-backends-") as tmp, ray_head(env) as address:
+    head = ray_head(env) if "ray" in wanted else nullcontext(None)  # started only when wanted
+    with tempfile.TemporaryDirectory(prefix="bench-backends-") as tmp, head as address:
         for backend in wanted:
             if backend == "slurm" and not _slurm_up():
                 print("slurm: not running (bash scripts/slurm-cluster.sh start); skipped")

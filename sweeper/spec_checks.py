@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import shutil
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
 
 CLI = "<cli>"  # the "file" of an error in a command-line option
 BYTE_VOCAB = 256  # the stdlib corpus is byte-tokenized
-_SBATCH_KEY = re.compile(r"[A-Za-z][A-Za-z-]*")
 
 
 # ------------------------------------------------------------------------------- spec-only checks
@@ -109,18 +107,18 @@ def branch_step(steps: int, decay_fraction: float) -> int:
 
 def check_backend_table(name: str, raw: dict[str, Any], file: str) -> None:
     """Checks of a raw ``[backend.<name>]`` table that hold whatever the backend's own config is:
-    ``sbatch_extra`` is a flat table whose keys are sbatch option names."""
+    ``sbatch_extra`` is a list of ``"key=value"`` or ``"key"`` strings (the SLURM config checks
+    each option)."""
     extra = raw.get("sbatch_extra")
     if extra is None:
         return
-    key = f"backend.{name}.sbatch_extra"
-    if not isinstance(extra, dict):
-        raise SpecError(file, key, extra, "expected a table of sbatch options")
-    for k, v in extra.items():
-        if not _SBATCH_KEY.fullmatch(k):
-            raise SpecError(file, f"{key}.{k}", v, "sbatch option names are letters and - only")
-        if isinstance(v, dict | list) or (isinstance(v, float) and not math.isfinite(v)):
-            raise SpecError(file, f"{key}.{k}", v, "expected a string, a number or true/false")
+    if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
+        raise SpecError(
+            file,
+            f"backend.{name}.sbatch_extra",
+            extra,
+            'expected a list of sbatch options, "key=value" or "key"',
+        )
 
 
 # ------------------------------------------------------------------------------------ host checks

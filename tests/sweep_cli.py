@@ -266,6 +266,7 @@ def sacct_ids(since: str) -> set[str]:
 
 # A stand-in trainer: sleeps FAKE_SLEEP seconds (default 0.2), then writes a completed summary.json;
 # SIGTERM makes it exit 75 like the real one after a checkpoint. Each start appends to starts.log.
+# A WSD trunk writes (empty) checkpoints at its branch steps FAKE_FORK_S seconds after it started.
 FAKE_TRAINER = """
 import json, os, signal, sys, time
 from pathlib import Path
@@ -283,9 +284,21 @@ def on_term(signum, frame):
     summary("interrupted", 1)
     sys.exit(75)
 signal.signal(signal.SIGTERM, on_term)
-end = time.time() + float(os.environ.get("FAKE_SLEEP", "0.2"))
+def forks():
+    (out / "ckpt").mkdir(exist_ok=True)
+    for s in t.get("checkpoint_steps") or []:
+        (out / "ckpt" / f"step_{s:08d}.pt").write_bytes(b"")
+begin = time.time()
+end = begin + float(os.environ.get("FAKE_SLEEP", "0.2"))
+fork_at = begin + float(os.environ.get("FAKE_FORK_S", "0"))
+forked = False
 while time.time() < end:
+    if not forked and time.time() >= fork_at:
+        forks()
+        forked = True
     time.sleep(0.02)
+if not forked:
+    forks()
 summary("completed", steps)
 """
 

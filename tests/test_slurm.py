@@ -1,6 +1,7 @@
 """The SLURM backend: config, job arrays and sbatch scripts (no cluster needed), then SLURM-specific
 behaviour against a real single-node SLURM (``bash scripts/slurm-cluster.sh start``): dry run,
-requeue, preemption, packing, 2-rank torchrun. What every backend does alike (a sweep completes,
+WSD branches that start at their trunk's fork checkpoint, requeue, preemption, packing, 2-rank
+torchrun. What every backend does alike (a sweep completes,
 a killed run resumes once, cancel and resume) is in ``test_backend_contract.py``.
 
 Every test that needs the cluster skips with the reason when it is not up. The runs are tiny
@@ -10,10 +11,12 @@ scheduling and requeue delays.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -38,8 +41,15 @@ from sweep_cli import (
 )
 
 from sweeper import Sweep as Sweep_
-from sweeper.backends import LaunchOptions
-from sweeper.backends.slurm import FINAL_STATES, SlurmBackend, _ours, accounting, max_array_size
+from sweeper.backends import LaunchOptions, slurm
+from sweeper.backends.slurm import (
+    FINAL_STATES,
+    SlurmBackend,
+    _ours,
+    accounting,
+    job_info,
+    max_array_size,
+)
 from sweeper.backends.slurm_script import (
     ArrayJob,
     Queue,
@@ -166,8 +176,9 @@ def test_sbatch_script_follows_resources_and_config(tmp_path: Path) -> None:
         env=("NCCL_DEBUG=INFO", "ODD=a b'c"),
     )
     tasks = [[f"r{i}"] for i in range(100)]
-    array = ArrayJob(tasks, sbatch_parameters(res, cfg, "sweeper-demo"), ["7_3", "8"], 16)
-    text = sbatch_script(array, tmp_path, "python3")
+    params = sbatch_parameters(res, cfg, "sweeper-demo")
+    array = ArrayJob(tasks, params, dependency=["7_3", "8"], after_runs=["t1"], throttle=16)
+    text = sbatch_script(array, tmp_path, "python3", {"t1": "9_1"})
     for line in (
         "--nodes=2",
         "--ntasks-per-node=1",
@@ -185,10 +196,13 @@ def test_sbatch_script_follows_resources_and_config(tmp_path: Path) -> None:
         "--signal=USR2@90",
         "--array=0-99%16",
         "--job-name=sweeper-demo",
-        "--dependency=afterok:7_3:8",
-        "--kill-on-invalid-dep=yes",
+        "--dependency=after:7_3:8:9_1",
     ):
         assert f"#SBATCH {line}\n" in text, line
+    assert "kill-on-invalid-dep" not in text
+    # the job of a trunk of the same launch is known once its array is submitted
+    dry = sbatch_script(array, tmp_path, "python3")  # quoted by submitit: '<' is not shell-safe
+    assert "#SBATCH --dependency='after:7_3:8:<job-of-t1>'\n" in dry
     setup = text.split("# setup\n")[1].split("\n\n")[0].splitlines()
     assert setup == [
         "export NCCL_DEBUG=INFO",
@@ -215,13 +229,38 @@ def _wsd(trunks: int, branches: int) -> list[RunRecord]:
     return runs
 
 
-def test_a_wsd_sweep_is_one_array_of_chains_whatever_its_size() -> None:
+def test_a_wsd_sweep_is_a_few_arrays_with_branches_after_their_trunks() -> None:
     runs = _wsd(540, 8)
     sub = plan_arrays(runs, SlurmConfig(), "j", parallel=9, max_array=1001, queue=Queue())
-    assert sub.sbatch_calls == 1 and not sub.refused and not sub.retune
-    (array,) = sub.arrays
-    assert len(array.tasks) == 540 and array.throttle == 9 and array.dependency == []
-    assert array.tasks[3] == ["t3", *(f"t3b{b}" for b in range(8))]
+    assert not sub.refused and not sub.retune
+    # 4860 runs, 540 trunks first: 5 sbatch calls, never one per trunk
+    assert [len(a.tasks) for a in sub.arrays] == [1001, 1001, 1001, 1001, 856]
+    first = sub.arrays[0]
+    assert first.tasks[:540] == [[f"t{t}"] for t in range(540)] and first.dependency == []
+    assert first.tasks[540] == ["t0b0"] and first.after_runs == []
+    # branches that do not fit their trunk's array start after (not at the end of) their trunks
+    parent = {r.id: r.parent for r in runs}
+    for array in sub.arrays[1:]:
+        trunks = {parent[rid] for task in array.tasks for rid in task}
+        assert array.after_runs == sorted(trunks) and array.dependency == []
+    assert sum(a.throttle for a in sub.arrays) == 9
+    (one,) = plan_arrays(runs, SlurmConfig(), "j", parallel=9, max_array=5000, queue=Queue()).arrays
+    assert len(one.tasks) == 4860 and one.tasks[540:542] == [["t0b0"], ["t0b1"]]
+
+
+def test_a_branch_with_other_resources_than_its_trunk_waits_for_the_trunks_job() -> None:
+    short = Resources(time_min=5)
+    runs = [
+        dataclasses.replace(_record("b0", RunKind.BRANCH, "t0"), resources=short),  # order-proof
+        _record("t0", RunKind.TRUNK),
+        _record("t0b1", RunKind.BRANCH, "t0"),
+    ]
+    sub = plan_arrays(runs, SlurmConfig(), "j", parallel=4, max_array=10, queue=Queue())
+    trunks, other = sub.arrays  # the trunk's array (with its same-resource branch), then b0's
+    assert trunks.tasks == [["t0"], ["t0b1"]] and trunks.after_runs == []
+    assert other.tasks == [["b0"]] and other.after_runs == ["t0"] and not sub.refused
+    assert other.parameters({"t0": "7_0"})["additional_parameters"]["dependency"] == "after:7_0"
+    assert other.params["time"] == 5 and trunks.params["time"] == 60
 
 
 def test_throttle_holds_across_arrays_and_live_arrays() -> None:
@@ -269,7 +308,7 @@ def test_branches_of_earlier_trunks_depend_on_their_jobs_and_orphans_are_refused
     assert free.tasks == [["t0b0"]] and free.dependency == []
     assert waiting.tasks == [["t1b0"], ["t2b0"], ["t1b1"]]
     assert waiting.dependency == ["5_1", "6"]
-    assert waiting.parameters()["additional_parameters"]["kill-on-invalid-dep"] == "yes"
+    assert waiting.parameters()["additional_parameters"]["dependency"] == "after:5_1:6"
     assert sub.refused == {"t3b0": "trunk t3 is failed and not in this launch"}
     assert sub.sbatch_calls == 2
 
@@ -291,6 +330,44 @@ def test_a_task_runs_only_runs_that_wait_for_its_job() -> None:
     assert not _ours(ev(RunState.SUBMITTED, "9_0"), "5_1")  # resubmitted elsewhere
     assert not _ours(ev(RunState.CANCELLED, "5_1"), "5_1")
     assert not _ours(ev(RunState.COMPLETED, "5_1"), "5_1")
+
+
+def test_a_branch_waits_for_its_trunks_checkpoint_at_the_fork(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = micro_spec(
+        "wsd", "slurm", schedule="wsd", horizon=4096, lrs="[0.0078125]", batches="[4]"
+    )
+    (tmp_path / "wsd.toml").write_text(text)
+    api = Sweep_.create(tmp_path / "wsd.toml", tmp_path / "results")
+    store = api.store
+    records = [store.load_record(r) for r in store.plan_order()]
+    (trunk,) = [r for r in records if r.parent is None]
+    (branch,) = [r for r in records if r.parent is not None]
+    monkeypatch.setattr(slurm, "FORK_POLL_S", 0.01)
+    monkeypatch.setattr(slurm, "FORK_GRACE_S", 0.2)
+    store.append_event(branch.id, RunState.SUBMITTED, backend="slurm", job_id="5_1")
+    store.append_event(trunk.id, RunState.SUBMITTED, backend="slurm", job_id="5_0")
+    # the trunk is queued, not running: give the slot back
+    assert slurm.wait_for_fork(store, branch, "5_1")[0] == "requeue"
+    # the trunk runs: wait until its checkpoint at the fork exists, not until it ends
+    store.append_event(trunk.id, RunState.RUNNING, backend="slurm", job_id="5_0")
+    ckpt = store.run_dir(trunk.id) / "ckpt" / f"step_{branch.start_step:08d}.pt"
+    ckpt.parent.mkdir()
+    timer = threading.Timer(0.5, ckpt.write_bytes, [b""])
+    timer.start()
+    began = time.monotonic()
+    assert slurm.wait_for_fork(store, branch, "5_1") == ("go", "")
+    assert time.monotonic() - began >= 0.4 and store.status(trunk.id).state == RunState.RUNNING
+    timer.join()
+    # the trunk ended without the checkpoint: the branch is cancelled, naming the trunk
+    ckpt.unlink()
+    store.append_event(trunk.id, RunState.FAILED, backend="slurm", job_id="5_0")
+    action, why = slurm.wait_for_fork(store, branch, "5_1")
+    assert action == "cancel" and trunk.id in why and "failed" in why
+    # the branch is no longer this job's (cancelled, or resubmitted elsewhere)
+    store.append_event(branch.id, RunState.SUBMITTED, backend="slurm", job_id="9_0")
+    assert slurm.wait_for_fork(store, branch, "5_1")[0] == "skip"
 
 
 # ------------------------------------------------------------------------------ on the cluster
@@ -319,6 +396,11 @@ def _scripts(text: str) -> list[str]:
     return ["#!/bin/bash" + p.split("\n# ---- array")[0].rstrip("\n") for p in parts]
 
 
+def _throttles(scripts: list[str]) -> list[int]:
+    """The ``%N`` of each script's ``--array`` (1 for a plain job)."""
+    return [int(m.group(1)) if (m := re.search(r"--array=\S+%(\d+)", s)) else 1 for s in scripts]
+
+
 @on_cluster
 def test_dry_run_prints_the_exact_scripts_and_submits_nothing(
     tmp_path: Path, env: dict[str, str]
@@ -332,30 +414,92 @@ def test_dry_run_prints_the_exact_scripts_and_submits_nothing(
     )
     sw = SlurmSweep(tmp_path, env, "dry", text)
     since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 1))
-    queued = squeue_ids()
+    queued, accounted = squeue_ids(), sacct_ids(since)  # jobs of earlier tests may still end
     dry = sw.cli("launch", str(sw.spec), "--dry-run").stdout
-    assert squeue_ids() == queued and sacct_ids(since) == set(), "a dry run submitted a job"
+    assert squeue_ids() <= queued and sacct_ids(since) <= accounted, "a dry run submitted a job"
     assert not sw.store.root.exists()
     scripts = _scripts(dry)
-    # 4 trunks, each with its branch as one task: 3 + 1 tasks over 2 sbatch calls, 3 at once
-    assert len(scripts) == 2 and "#SBATCH --array=0-2%2\n" in scripts[0]
-    assert "--array" not in scripts[1]  # a 1-task chunk is a plain job, which counts 1
+    # 4 trunks and their 4 branches, 3 tasks per array: [t0 t1 t2], [t3 b3], [b0 b1 b2]
+    assert len(scripts) == 3 and dry.count("#   task ") == 8
+    assert "#SBATCH --array=0-2%1\n" in scripts[0] and "#SBATCH --array=0-1%1\n" in scripts[1]
+    assert sum(_throttles(scripts)) == 3  # array_parallelism holds across the arrays
     assert all("export FAKE_SLEEP=3\necho setup-ran-here\n" in s for s in scripts)
-    assert dry.count("#   task ") == 4 and dry.count(" then ") == 4
-    # the same launch for real submits exactly these files
+    assert all("--dependency" not in s for s in scripts[:2])
+    (after,) = re.findall(r"#SBATCH --dependency='after:(\S+)'\n", scripts[2])
+    trunks = re.findall(r"<job-of-([^>]+)>", after)
+    tasks = dry.split("# ---- array 3")[1]
+    branches = re.findall(r"#   task \d+: (\S+)", tasks)
+    assert len(trunks) == 3 and "kill-on-invalid-dep" not in dry
+    # the same launch for real submits exactly these files, with the trunks' job ids filled in
     sw.cli("launch", str(sw.spec))
     states = sw.wait(all_in("completed"))
     assert len(states) == 8
-    jobs = sorted({e.job_id.split("_")[0] for r in states for e in sw.events(r) if e.job_id})
+    assert sorted(sw.store.load_record(b).parent or "" for b in branches) == trunks
+    jobs = sorted(
+        {e.job_id.split("_")[0] for r in states for e in sw.events(r) if e.job_id}, key=int
+    )
     folder = sw.store.root / "slurm"
+    for t in trunks:
+        job = next(e.job_id for e in sw.events(t) if e.job_id)
+        scripts[2] = scripts[2].replace(f"<job-of-{t}>", str(job))
+    scripts[2] = re.sub(r"--dependency='(\S+)'", r"--dependency=\1", scripts[2])
     assert [(folder / f"{j}_submission.sh").read_text().rstrip("\n") for j in jobs] == scripts
     for rid in states:
         record = sw.store.load_record(rid)
-        if record.parent:  # a branch started after its trunk completed, in the trunk's task
-            done = sw.events(record.parent)[-1]
+        if record.parent:  # a branch started after its trunk started
+            trunk = next(e for e in sw.events(record.parent) if e.state == RunState.RUNNING)
             started = next(e for e in sw.events(rid) if e.state == RunState.RUNNING)
-            assert started.ts >= done.ts and started.job_id == done.job_id
+            assert started.ts >= trunk.ts
     assert "setup-ran-here" in (folder / f"{jobs[0]}_0_0_log.out").read_text()
+
+
+@on_cluster
+def test_resume_dry_run_honours_backend_and_extra_points(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    table = 'max_parallel = 1\n[backend.slurm]\nsetup = ["echo from-setup"]'
+    text = micro_spec("extra", "local", lrs="[0.0078125]", batches="[4]", backend_table=table)
+    sw = SlurmSweep(tmp_path, env, "extra", text)
+    api = Sweep_.create(sw.spec, sw.results)
+    (new,) = api.apply([{"model": "test-micro", "lr": 0.25, "batch_size": 4}])
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 1))
+    queued, accounted = squeue_ids(), sacct_ids(since)
+    before = sorted(p.name for p in sw.store.root.rglob("*"))
+    dry = sw.cli("resume", "extra", "--dry-run", "--backend", "slurm").stdout
+    assert squeue_ids() <= queued and sacct_ids(since) <= accounted, "a dry run submitted a job"
+    assert sorted(p.name for p in sw.store.root.rglob("*")) == before, "a dry run wrote a file"
+    (script,) = _scripts(dry)
+    assert "#SBATCH --array=0-1%2\n" in script and "echo from-setup\n" in script
+    assert f": {new}\n" in dry and dry.count("#   task ") == 2
+
+
+@on_cluster
+def test_a_branch_starts_at_its_trunks_checkpoint_not_at_the_trunks_end(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    table = 'array_parallelism = 2\nenv = ["FAKE_SLEEP=25", "FAKE_FORK_S=4"]'
+    text = spec_text(
+        "fork",
+        schedule="wsd",
+        horizon=4096,
+        lrs="[0.0078125]",
+        batches="[4]",
+        top=fake_command(tmp_path),
+        backend_table=table,
+    )
+    sw = SlurmSweep(tmp_path, env, "fork", text)
+    sw.cli("launch", str(sw.spec))
+    states = sw.wait(all_in("completed"), timeout=180)
+    (trunk,) = [r for r in states if sw.store.load_record(r).parent is None]
+    (branch,) = [r for r in states if r != trunk]
+    step = sw.store.load_record(branch).start_step
+    ckpt = sw.store.run_dir(trunk) / "ckpt" / f"step_{step:08d}.pt"
+    started = next(e for e in sw.events(branch) if e.state == RunState.RUNNING)
+    ended = sw.events(trunk)[-1]
+    assert ended.state == RunState.COMPLETED
+    assert ckpt.stat().st_mtime <= started.ts < ended.ts  # at the fork, while the trunk ran
+    jobs = {e.job_id for r in states for e in sw.events(r) if e.job_id}
+    assert {j.split("_")[0] for j in jobs if j} == {next(iter(jobs)).split("_")[0]}  # one array
 
 
 @on_cluster
@@ -383,12 +527,83 @@ def test_dry_run_of_branches_shows_dependencies_and_the_shared_throttle(
         (script,) = _scripts(dry)
         base = job.split("_")[0]
         deps = ":".join(sorted(f"{base}_{i}" for i in range(4)))
-        assert f"#SBATCH --dependency=afterok:{deps}\n" in script
-        assert "#SBATCH --kill-on-invalid-dep=yes\n" in script
+        assert f"#SBATCH --dependency=after:{deps}\n" in script  # started, not ended
+        assert "kill-on-invalid-dep" not in script
         assert "#SBATCH --array=0-3%2\n" in script  # half of 4: the live array keeps the rest
         assert f"would set ArrayTaskThrottle=2 on live array {base}" in dry
     finally:
         subprocess.run(["scancel", job.split("_")[0]], check=False)
+
+
+@on_cluster
+def test_a_waiting_branch_gives_its_slot_back_while_its_trunk_is_queued(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    table = 'array_parallelism = 2\nenv = ["FAKE_SLEEP=20", "FAKE_FORK_S=15"]'
+    text = spec_text(
+        "slot",
+        schedule="wsd",
+        horizon=4096,
+        lrs="[0.0078125]",
+        batches="[4]",
+        top=fake_command(tmp_path),
+        backend_table=table,
+    )
+    sw = SlurmSweep(tmp_path, {**env, "SWEEPER_FORK_GRACE_S": "3"}, "slot", text)
+    sw.cli("launch", str(sw.spec))
+    records = {r: sw.store.load_record(r) for r in sw.store.run_ids()}
+    (trunk,) = [r for r, rec in records.items() if rec.parent is None]
+    (branch,) = [r for r in records if r != trunk]
+    tjob, bjob = (str(sw.events(r)[-1].job_id) for r in (trunk, branch))
+
+    def both_run() -> bool:
+        return sw.store.status(trunk).state == RunState.RUNNING and (
+            job_info(bjob).get("JobState") == "RUNNING"
+        )
+
+    wait_for(both_run, 120, "the trunk to run and the branch task to wait for it")
+    subprocess.run(["scontrol", "requeuehold", tjob], check=True)  # the trunk is queued, held
+    restarts = lambda: int(job_info(bjob).get("Restarts") or 0)  # noqa: E731
+    wait_for(lambda: restarts() >= 1, 120, "the branch task to requeue itself")
+    assert sw.store.status(branch).state == RunState.SUBMITTED
+    subprocess.run(["scontrol", "release", tjob], check=True)
+    sw.wait(all_in("completed"), timeout=300)
+    assert [e.state for e in sw.events(branch)].count(RunState.RUNNING) == 1
+    assert [e.state for e in sw.events(trunk)].count(RunState.RUNNING) == 2
+    log = sw.store.root / "slurm" / f"{bjob}_0_log.out"
+    assert "to give its slot back" in log.read_text()
+
+
+@on_cluster
+def test_real_wsd_branches_train_from_the_fork_while_the_trunk_runs(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    text = spec_text(
+        "wsd",
+        schedule="wsd",
+        horizon=4096,
+        lrs="[0.0078125]",
+        batches="[4]",
+        tokens=1_000_000,
+        backend_table="array_parallelism = 3",
+    ).replace("horizons_tokens = [4096]", "horizons_tokens = [4096, 131072]")
+    sw = SlurmSweep(tmp_path, env, "wsd", text)
+    sw.cli("launch", str(sw.spec))
+    states = sw.wait(all_in("completed"), timeout=300)
+    records = {r: sw.store.load_record(r) for r in states}
+    (trunk,) = [r for r, rec in records.items() if rec.parent is None]
+    branches = sorted((rec.start_step, r) for r, rec in records.items() if rec.parent)
+    assert len(branches) == 2
+    trunk_done = sw.events(trunk)[-1]
+    assert trunk_done.state == RunState.COMPLETED
+    for step, rid in branches:
+        ckpt = sw.store.run_dir(trunk) / "ckpt" / f"step_{step:08d}.pt"
+        started = next(e for e in sw.events(rid) if e.state == RunState.RUNNING)
+        assert ckpt.stat().st_mtime <= started.ts, "a branch started before its fork checkpoint"
+        assert [e.state for e in sw.events(rid)].count(RunState.RUNNING) == 1
+    # the short branch forks at step 51 of 2048: it ends long before the trunk
+    assert sw.events(branches[0][1])[-1].ts < trunk_done.ts
+    assert len({e.job_id.split("_")[0] for r in states for e in sw.events(r) if e.job_id}) == 1
 
 
 @on_cluster

@@ -1,11 +1,10 @@
-"""SLURM backend through submitit: job arrays, WSD chains, one sweep-wide throttle, requeue.
+"""SLURM backend through submitit: job arrays, WSD branches at the fork, one throttle, requeue.
 
 ``launch`` submits the runs as tasks of job arrays and returns (``blocking = False``); the tasks
-then run :func:`sweeper.worker.run_trial` on the nodes. How runs are grouped into arrays and tasks,
-and how ``array_parallelism`` bounds the whole sweep, is described in
-:mod:`sweeper.backends.slurm_script`; ``describe`` prints the exact sbatch files and submits
-nothing. Everything later commands need lives in the sweep directory: each run's job id in its
-``submitted`` event, submitit's pickles, scripts and logs under ``<sweep>/slurm/``.
+run :func:`sweeper.worker.run_trial` on the nodes. How runs become arrays and tasks, and how
+``array_parallelism`` bounds the sweep, is in :mod:`sweeper.backends.slurm_script`; ``describe``
+prints the exact sbatch files. Later commands need only the sweep directory: each run's job id
+is in its ``submitted`` event, submitit's pickles, scripts and logs are under ``<sweep>/slurm/``.
 
 Each array is submitted held (``#SBATCH --hold``), its runs' ``submitted`` events (with job ids)
 are written, and only then is it released, so a fast task can never record ``running`` before the
@@ -54,29 +53,19 @@ from sweeper.backends.slurm_script import (
 from sweeper.errors import BackendError
 from sweeper.records import RunEvent, RunRecord, RunState
 from sweeper.store import SweepStore
+from trainer.schema import CKPT_DIR, checkpoint_name
 
 MAX_TIMEOUT_REQUEUES = 20  # submitit's own bound on requeues after time limits
 STDERR_TAIL_CHARS = 2000
 LOCK_WAIT_S = 30.0  # a task waits this long for a run lock held by a dying trainer
+FORK_POLL_S = 2.0  # a branch task looks for its trunk's checkpoint at the fork this often
+FORK_GRACE_S = 120.0  # ... and gives its slot back when the trunk is queued this long
 _SCHEDULER_TIMEOUT_S = 60
 
 # Scheduler states of a job that still holds or waits for resources: the worker owns the run.
 ACTIVE_STATES = frozenset(
-    {
-        "PENDING",
-        "RUNNING",
-        "REQUEUED",
-        "REQUEUE_FED",
-        "REQUEUE_HOLD",
-        "RESIZING",
-        "SUSPENDED",
-        "CONFIGURING",
-        "COMPLETING",
-        "SIGNALING",
-        "STAGE_OUT",
-        "STOPPED",
-        "RESV_DEL_HOLD",
-    }
+    "PENDING RUNNING REQUEUED REQUEUE_FED REQUEUE_HOLD RESIZING SUSPENDED CONFIGURING COMPLETING"
+    " SIGNALING STAGE_OUT STOPPED RESV_DEL_HOLD".split()
 )
 REQUEUE_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD"})
 # Final scheduler states and the run state they become when the worker recorded no outcome
@@ -126,7 +115,7 @@ class SlurmTrial:
         if env.num_nodes > 1:
             os.environ.setdefault("SWEEPER_RDZV_ENDPOINT", f"{env.hostnames[0]}:29500")
             if env.node > 0:
-                return _follow_runs(self.sweep_dir, run_ids)
+                return _follow_runs(self.sweep_dir, run_ids, str(env.job_id))
         return self._run_task(run_ids, str(env.job_id))
 
     def checkpoint(self, run_ids: list[str]) -> Any:
@@ -161,7 +150,7 @@ def _ours(ev: RunEvent | None, job_id: str) -> bool:
 
 
 def _run_one(store: SweepStore, rid: str, job_id: str) -> dict[str, Any]:
-    """One run of a task; a branch whose trunk did not complete ends ``cancelled``."""
+    """One run of a task; a branch first waits for its trunk's checkpoint at the fork."""
     from sweeper.worker import run_trial
 
     ev = store.status(rid).last_event
@@ -170,13 +159,18 @@ def _run_one(store: SweepStore, rid: str, job_id: str) -> dict[str, Any]:
         return {"run_id": rid, "state": state, "exit_code": None, "skipped": True}
     record = store.load_record(rid)
     if record.parent is not None:
-        parent = store.status(record.parent).state
-        if parent != RunState.COMPLETED:
-            why = f"trunk {record.parent} ended {parent.value}"
+        action, why = wait_for_fork(store, record, job_id)
+        if action == "requeue":
+            _requeue_self(job_id, why)
+        if action == "cancel":
+            now = store.status(rid).last_event
             store.append_if(
-                rid, RunState.CANCELLED, expect=ev, backend=NAME, job_id=job_id, reason=why
+                rid, RunState.CANCELLED, expect=now, backend=NAME, job_id=job_id, reason=why
             )
             return {"run_id": rid, "state": RunState.CANCELLED.value, "exit_code": None}
+        if action != "go":  # requeued, or no longer this job's run
+            state = store.status(rid).state.value
+            return {"run_id": rid, "state": state, "exit_code": None, "skipped": True}
     return run_trial(
         store.root,
         rid,
@@ -186,6 +180,42 @@ def _run_one(store: SweepStore, rid: str, job_id: str) -> dict[str, Any]:
         on_interrupt=RunState.SUBMITTED,
         wait_lock_s=LOCK_WAIT_S,
     )
+
+
+def wait_for_fork(store: SweepStore, record: RunRecord, job_id: str) -> tuple[str, str]:
+    """Wait until branch ``record`` can start: ``("go", "")`` once its trunk's checkpoint at the
+    fork exists (or the trunk completed); ``("cancel", why)`` when the trunk ended without it;
+    ``("requeue", why)`` when the trunk has been queued (not running) for ``FORK_GRACE_S``;
+    ``("skip", why)`` when the branch is no longer this job's (cancelled meanwhile)."""
+    trunk = str(record.parent)
+    ckpt = store.run_dir(trunk) / CKPT_DIR / checkpoint_name(record.start_step)
+    queued_since: float | None = None
+    while not ckpt.is_file():
+        if not _ours(store.status(record.id).last_event, job_id):
+            return "skip", "no longer this job's run"
+        state = store.status(trunk).state
+        if state == RunState.COMPLETED:
+            return "go", ""
+        if state.is_finished():
+            return "cancel", f"trunk {trunk} ended {state.value} without a checkpoint at the fork"
+        if state == RunState.RUNNING:
+            queued_since = None
+        else:
+            queued_since = queued_since or time.monotonic()
+            if time.monotonic() - queued_since > _fork_grace_s():
+                return "requeue", f"trunk {trunk} is {state.value}, not running"
+        time.sleep(FORK_POLL_S)
+    return "go", ""
+
+
+def _fork_grace_s() -> float:
+    return float(os.environ.get("SWEEPER_FORK_GRACE_S") or FORK_GRACE_S)
+
+
+def _requeue_self(job_id: str, why: str) -> None:
+    print(f"sweeper: requeueing {job_id} to give its slot back: {why}", flush=True)
+    _run(["scontrol", "requeue", job_id])
+    time.sleep(600)  # SLURM ends this task; the requeued one starts over
 
 
 def _thread_env(record: RunRecord) -> dict[str, str]:
@@ -227,7 +257,7 @@ def _after_interrupt(store: SweepStore, run_ids: list[str], job_id: str) -> None
             )
 
 
-def _follow_runs(sweep_dir: str, run_ids: list[str]) -> list[dict[str, Any]]:
+def _follow_runs(sweep_dir: str, run_ids: list[str], job_id: str) -> list[dict[str, Any]]:
     """Node ranks > 0 of a multi-node run: start the same torchrun for each run rank 0 starts.
 
     Rank 0 records events; the others only take part in the rendezvous.
@@ -241,9 +271,12 @@ def _follow_runs(sweep_dir: str, run_ids: list[str]) -> list[dict[str, Any]]:
             continue
         rd = store.run_dir(rid)
         record = store.load_record(rid)
-        deadline = time.monotonic() + 60
-        while not (rd / TRIAL_FILE).exists() and time.monotonic() < deadline:
-            time.sleep(0.5)  # rank 0 writes the resolved config first
+        while not (rd / TRIAL_FILE).exists():  # rank 0 writes it (a branch: at the fork)
+            if not _ours(store.status(rid).last_event, job_id):
+                break
+            time.sleep(0.5)
+        if not (rd / TRIAL_FILE).exists():
+            continue
         cmd = trainer_command(record, rd / TRIAL_FILE, rd)
         code = subprocess.call(cmd, env={**os.environ, **_thread_env(record)})
         results.append({"run_id": rid, "exit_code": code})
@@ -468,8 +501,10 @@ class SlurmBackend:
         executor = submitit.SlurmExecutor(
             folder=folder, python=self.config.python, max_num_timeout=MAX_TIMEOUT_REQUEUES
         )
-        executor.update_parameters(**array.parameters())
         trial = SlurmTrial(str(store.root.resolve()))
+        trunks = {r: store.status(r).last_event for r in array.after_runs}
+        known = {r: str(ev.job_id) for r, ev in trunks.items() if ev is not None and ev.job_id}
+        executor.update_parameters(**array.parameters(known))
         try:
             jobs = executor.map_array(trial, array.tasks)
         except Exception as e:  # submitit raises plain errors carrying sbatch's message

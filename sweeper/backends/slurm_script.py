@@ -10,19 +10,21 @@ How runs become jobs
   sweep) go into one job array; each array task runs one *unit* of runs, in order, through
   :func:`sweeper.worker.run_trial`. More tasks than the cluster's ``MaxArraySize`` are split over
   several arrays.
-* **WSD chains.** A trunk and the branches of this launch that fork from it form one unit: the
-  task trains the trunk, then each branch from the trunk's checkpoints. A branch therefore never
-  starts before its trunk completed and needs no SLURM dependency, and a WSD sweep of any size is
-  one array, not one array (or sbatch) per trunk. A branch whose trunk failed is recorded
-  ``cancelled`` by the task. The cost: the branches of one trunk run one after another (the sweep's
-  throughput is unchanged once it has at least ``array_parallelism`` trunks).
-* **Branches of a trunk from an earlier launch** that is still queued or running go into one array
-  per resource group with ``--dependency=afterok:<those trunks' jobs>`` and
-  ``--kill-on-invalid-dep=yes`` (if one trunk fails they are all cancelled; ``sweeper resume``
-  resubmits the ones whose trunk completed). Branches of a trunk that is neither completed nor
+* **WSD branches start at the fork, not at the end of the trunk.** A branch needs only its trunk's
+  (permanent) checkpoint at the branch step. Branches of a trunk in this launch are tasks of the
+  trunk's array, after every trunk of it: array tasks start in index order, so a branch task starts
+  only once its trunk has started. The task then waits (polling, without running anything) until
+  the checkpoint at the fork exists and trains the branch from it while the trunk goes on. A
+  branch whose trunk ended without that checkpoint is recorded ``cancelled``; a branch whose
+  trunk is queued again (requeued, preempted) for longer than ``FORK_GRACE_S`` gives its slot
+  back with ``scontrol requeue`` of its own task and stays ``submitted``.
+* **Branches of a trunk in another job** (an earlier launch whose trunk is still queued or
+  running, or an array that is full or has other resources) go into arrays with
+  ``--dependency=after:<the trunks' jobs>`` (*after*: once those jobs started, not ended), then
+  wait for the checkpoint in the same way. Branches of a trunk that is neither completed nor
   queued are not submitted: they end ``cancelled`` with the reason.
-* **Packing.** ``runs_per_job = k`` puts consecutive units into one task while it holds at most k
-  runs (a chain longer than k is a task of its own).
+* **Packing.** ``runs_per_job = k`` puts consecutive runs into one task, k at most (trunks and
+  single runs together, branches together).
 * **One throttle for the whole sweep.** ``array_parallelism = N`` bounds the running tasks of the
   sweep, over every array and every launch: the throttle ``%n`` of each array is its share of N, in
   proportion to its unfinished tasks (at least 1 each, so the bound holds while the sweep has at
@@ -30,7 +32,7 @@ How runs become jobs
   their ``ArrayTaskThrottle`` is lowered with ``scontrol update`` (one call per such array). A
   lowered throttle stops new starts; tasks already running finish.
 * **Bounded calls.** A launch makes one sbatch per array (resource groups x ``MaxArraySize``
-  chunks, plus one per resource group for branches of earlier trunks) and one ``scontrol update``
+  chunks, plus the chunks of branches whose trunk is in another job) and one ``scontrol update``
   per live array of earlier launches; never one per run or per trunk.
 
 Scripts carry ``setup`` lines (``module load ...``) and ``env`` exports before the worker line,
@@ -45,7 +47,7 @@ import math
 import re
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,21 +214,28 @@ def sbatch_parameters(res: Resources, cfg: SlurmConfig, job_name: str) -> dict[s
 
 @dataclass
 class ArrayJob:
-    """One sbatch: ``tasks[i]`` are the run ids array task ``i`` runs, in order."""
+    """One sbatch: ``tasks[i]`` are the run ids array task ``i`` runs, in order.
+
+    ``dependency`` holds job ids and ``after_runs`` the ids of trunks of this launch in another
+    array, whose job ids are known once that array is submitted (:meth:`parameters`).
+    """
 
     tasks: list[list[str]]
     params: dict[str, Any]
-    dependency: list[str] = field(default_factory=list)  # job ids (afterok)
+    dependency: list[str] = field(default_factory=list)  # job ids (after: started)
+    after_runs: list[str] = field(default_factory=list)  # run ids of this launch (after: started)
     throttle: int = 1
 
-    def parameters(self) -> dict[str, Any]:
-        """The executor parameters of this sbatch (throttle and dependency included)."""
+    def parameters(self, jobs: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The executor parameters of this sbatch (throttle and dependency included); ``jobs``
+        maps the ``after_runs`` to their job ids (a dry run shows ``<job-of-RUN>``)."""
         params = {**self.params, "array_parallelism": self.throttle}
         # submitted held, released once the runs' events are written (see SlurmBackend.launch)
         extra = {**params["additional_parameters"], "hold": True}
-        if self.dependency:
-            extra["dependency"] = "afterok:" + ":".join(self.dependency)
-            extra["kill-on-invalid-dep"] = "yes"
+        known = jobs or {}
+        after = [*self.dependency, *(known.get(r, f"<job-of-{r}>") for r in self.after_runs)]
+        if after:
+            extra["dependency"] = "after:" + ":".join(after)
         params["additional_parameters"] = extra
         return params
 
@@ -264,6 +273,18 @@ class Queue:
     live_jobs: int = 0
 
 
+@dataclass
+class _Group:
+    """The runs of one resource group: ``free`` start at once (trunks, single runs, branches of
+    completed trunks), ``branches`` fork from a trunk of this launch, ``later`` from a trunk of an
+    earlier launch that is still queued or running (``(run, trunk job)``)."""
+
+    params: dict[str, Any]
+    free: list[str] = field(default_factory=list)
+    branches: list[tuple[str, str]] = field(default_factory=list)
+    later: list[tuple[str, str]] = field(default_factory=list)
+
+
 def plan_arrays(
     runs: list[RunRecord],
     cfg: SlurmConfig,
@@ -273,34 +294,29 @@ def plan_arrays(
     max_array: int,
     queue: Queue,
 ) -> Submission:
-    """The arrays that submit ``runs`` (trunks before their branches); see the module docstring."""
-    chains: dict[str, list[str]] = {}  # trunk id -> its unit (shared list)
-    free: dict[str, list[list[str]]] = {}  # resource key -> units
-    waiting: dict[str, list[list[str]]] = {}
-    deps: dict[str, set[str]] = {}
-    params: dict[str, dict[str, Any]] = {}
-    refused: dict[str, str] = {}
-    for r in runs:
-        key = _key(r.resources)
-        params.setdefault(key, sbatch_parameters(r.resources, cfg, job_name))
-        if r.parent is None or r.parent in queue.completed:
-            unit = [r.id]
-            chains[r.id] = unit
-            free.setdefault(key, []).append(unit)
-        elif r.parent in chains:
-            chains[r.parent].append(r.id)
-        elif r.parent in queue.parent_jobs:
-            waiting.setdefault(key, []).append([r.id])
-            deps.setdefault(key, set()).add(queue.parent_jobs[r.parent])
-        else:
-            state = queue.parent_states.get(r.parent, "missing")
-            refused[r.id] = f"trunk {r.parent} is {state} and not in this launch"
+    """The arrays that submit ``runs``; see the module docstring."""
+    groups, refused = _group(runs, cfg, job_name, queue)
+    own: dict[str, list[ArrayJob]] = {}  # per group: its arrays of trunks and single runs
+    home: dict[str, ArrayJob] = {}  # run id -> the array of this launch that runs it
+    for key, g in groups.items():
+        chunks = _chunks(pack(_units(g.free), cfg.runs_per_job), max_array)
+        own[key] = [ArrayJob(c, g.params) for c in chunks]
+        home.update((rid, a) for a in own[key] for task in a.tasks for rid in task)
     arrays: list[ArrayJob] = []
-    for groups, dep in ((free, None), (waiting, deps)):
-        for key, units in groups.items():
-            depends = sorted(dep[key]) if dep else []
-            for chunk in _chunks(pack(units, cfg.runs_per_job), max_array):
-                arrays.append(ArrayJob(chunk, params[key], depends))
+    elsewhere: dict[str, list[tuple[str, str]]] = {}  # per group: branches of another array's trunk
+    for key, g in groups.items():
+        joining: dict[int, list[str]] = {id(a): [] for a in own[key]}
+        for rid, trunk in g.branches:
+            same = joining.get(id(home[trunk]))
+            if same is not None and len(home[trunk].tasks) + len(same) < max_array:
+                same.append(rid)  # a higher index than its trunk: starts after the trunk started
+            else:
+                elsewhere.setdefault(key, []).append((rid, trunk))
+        for a in own[key]:
+            a.tasks += pack(_units(joining[id(a)]), cfg.runs_per_job)
+        arrays += own[key]
+    for key, g in groups.items():
+        arrays += _dependent(g.params, g.later, elsewhere.get(key, []), cfg.runs_per_job, max_array)
     live = dict(queue.live_arrays)
     shares = split_throttle(
         parallel - queue.live_jobs, [*live.values(), *(len(a.tasks) for a in arrays)]
@@ -311,13 +327,62 @@ def plan_arrays(
     return Submission(arrays, retune, refused)
 
 
+def _group(
+    runs: list[RunRecord], cfg: SlurmConfig, job_name: str, queue: Queue
+) -> tuple[dict[str, _Group], dict[str, str]]:
+    """The runs by resource group, and the branches refused (trunk neither done nor queued)."""
+    groups: dict[str, _Group] = {}
+    launched = {r.id for r in runs if r.parent is None or r.parent in queue.completed}
+    refused: dict[str, str] = {}
+    for r in runs:
+        key = _key(r.resources)
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = _Group(sbatch_parameters(r.resources, cfg, job_name))
+        if r.parent is None or r.parent in queue.completed:
+            g.free.append(r.id)
+        elif r.parent in launched:
+            g.branches.append((r.id, r.parent))
+        elif r.parent in queue.parent_jobs:
+            g.later.append((r.id, queue.parent_jobs[r.parent]))
+        else:
+            state = queue.parent_states.get(r.parent, "missing")
+            refused[r.id] = f"trunk {r.parent} is {state} and not in this launch"
+    return groups, refused
+
+
+def _units(ids: list[str]) -> list[list[str]]:
+    return [[rid] for rid in ids]
+
+
+def _dependent(
+    params: dict[str, Any],
+    later: list[tuple[str, str]],
+    extra: list[tuple[str, str]],
+    runs_per_job: int,
+    max_array: int,
+) -> list[ArrayJob]:
+    """Arrays of branches whose trunk runs in another job: ``after:`` that trunk's job (``later``:
+    a job id of an earlier launch; ``extra``: a trunk of this launch in another array)."""
+    jobs = dict(later)
+    trunks = dict(extra)
+    units = _units([rid for rid, _ in [*later, *extra]])
+    arrays = []
+    for chunk in _chunks(pack(units, runs_per_job), max_array):
+        ids = [rid for task in chunk for rid in task]
+        dependency = sorted({jobs[r] for r in ids if r in jobs})
+        after_runs = sorted({trunks[r] for r in ids if r in trunks})
+        arrays.append(ArrayJob(chunk, params, dependency, after_runs))
+    return arrays
+
+
 def _key(res: Resources) -> str:
     return json.dumps(res.to_dict(), sort_keys=True)
 
 
 def pack(units: list[list[str]], runs_per_job: int) -> list[list[str]]:
-    """Consecutive units joined into tasks of at most ``runs_per_job`` runs (a longer unit, e.g. a
-    trunk with its branches, is a task of its own)."""
+    """Consecutive units joined into tasks of at most ``runs_per_job`` runs (a longer unit is a
+    task of its own)."""
     tasks: list[list[str]] = []
     for unit in units:
         if tasks and len(tasks[-1]) + len(unit) <= runs_per_job:
@@ -364,14 +429,17 @@ def python_command(cfg: SlurmConfig) -> str:
     return cfg.python if cfg.python else shlex.quote(sys.executable)
 
 
-def sbatch_script(array: ArrayJob, folder: Path, python: str) -> str:
-    """The sbatch file submitit writes for ``array`` (same builder, same arguments)."""
+def sbatch_script(
+    array: ArrayJob, folder: Path, python: str, jobs: Mapping[str, str] | None = None
+) -> str:
+    """The sbatch file submitit writes for ``array`` (same builder, same arguments); ``jobs``
+    as in :meth:`ArrayJob.parameters`."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     command = " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
     n = len(array.tasks)
     text: str = _make_sbatch_string(
-        command=command, folder=folder, map_count=n if n > 1 else None, **array.parameters()
+        command=command, folder=folder, map_count=n if n > 1 else None, **array.parameters(jobs)
     )
     return text
 
@@ -395,10 +463,10 @@ def describe_submission(
         lines.append(f"slurm: would not submit {rid}: {why}")
     for i, array in enumerate(sub.arrays, 1):
         lines.append("")
+        after = array.parameters()["additional_parameters"].get("dependency")
         lines.append(
             f"# ---- array {i} of {len(sub.arrays)}: {len(array.tasks)} task(s), at most "
-            f"{array.throttle} at once"
-            + (f", after {', '.join(array.dependency)}" if array.dependency else "")
+            f"{array.throttle} at once" + (f", {after}" if after else "")
         )
         for t, task in enumerate(array.tasks[:max_tasks]):
             then = f" then {', '.join(task[1:])}" if len(task) > 1 else ""
