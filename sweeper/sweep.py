@@ -331,6 +331,8 @@ class Sweep:
         if include_unwritten:
             have = set(order)
             runs = [r for r in self.plan().runs if r.id not in have] + runs
+            # trunks before branches, as in plan order (a stable sort keeps the rest)
+            runs.sort(key=lambda r: r.kind is RunKind.BRANCH)
         return runs
 
     def _claim(self, runs: list[RunRecord], backend: str) -> None:
