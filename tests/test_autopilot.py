@@ -14,15 +14,18 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from sweeper import SpecError, Sweep
-from sweeper.autopilot import AutopilotConfig, rules
+from sweeper.autopilot import AutopilotConfig, estimates, proposals, rules
 from sweeper.autopilot.journal import Journal, replay
 from sweeper.spec import parse_spec_text
+from trainer.sim import Model, Trial
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -129,12 +132,45 @@ def test_fit_line_recovers_slope_and_scatter() -> None:
     assert rules.fit_line([d[:2]], y[:2], np.full(2, 0.1)) is None  # no residual freedom
 
 
+def cell_snapshot(losses: dict[float, float], tokens: int = 2**16) -> estimates.Snapshot:
+    """A snapshot of one (model, layout, B = 8) group with one usable point per rate at D."""
+    rates = sorted(losses)
+    runs = pd.DataFrame({"model": "m", "layout": "1:1:1", "batch_size": 8, "seed": 30,
+                         "log2_lr": rates, "lr": [2.0**v for v in rates],
+                         "lr_in": [2.0**v for v in rates], "lr_hidden": [2.0**v for v in rates],
+                         "lr_out": [2.0**v for v in rates]})  # fmt: skip
+    points = runs[["model", "layout", "batch_size", "log2_lr"]].assign(
+        run_id=[f"r{i}" for i in range(len(rates))], tokens=tokens, x=6.0,
+        y=[losses[v] for v in rates],
+    )  # fmt: skip
+    return estimates.Snapshot(runs, points)
+
+
+def test_an_edge_is_extended_at_the_grid_spacing_and_a_short_side_filled() -> None:
+    cfg = AutopilotConfig()
+    group = proposals._Group(cell_snapshot({-1.0: 3.0, 1.0: 3.5}), cfg, "m", "1:1:1", 8, None)
+    cell = SimpleNamespace(why="optimum at the low edge", log2_lr_star=math.nan)
+    props = group.for_cell(2**16, cell)
+    # two rates past the edge at the grid's own 2-octave spacing, not one fine step per wave
+    assert [p.log2_lr for p in props] == [-3.0, -5.0]
+    assert all("below at spacing 2" in p.reason for p in props)
+    high = proposals._Group(cell_snapshot({-1.0: 3.5, 1.0: 3.0}), cfg, "m", "1:1:1", 8, None)
+    assert [p.log2_lr for p in high.for_cell(2**16, cell)] == [3.0, 5.0]
+    # one-sided inside the range: between the estimate and the far rate, at the design step
+    snap = cell_snapshot({-6.0: 3.4, -2.0: 3.0, -1.5: 3.1, -1.0: 3.2, 0.0: 3.5})
+    group = proposals._Group(snap, cfg, "m", "1:1:1", 8, None)
+    cell = SimpleNamespace(why="1 rates below eta*, 3 above", log2_lr_star=-2.2)
+    assert [p.log2_lr for p in group.for_cell(2**16, cell)] == [-2.75, -3.25]
+
+
 # ------------------------------------------------------------------------------ the loop
 
 
+@pytest.mark.slow
 def test_reaches_the_tolerance_with_the_optimum_off_the_initial_grid(fast_dir: Path) -> None:
-    # eta* lies between 2^-7.5 and 2^-4.5; the initial grid is 2^-2, 2^0
-    s = Sweep.create(spec("off", SURFACE, -2, 0), fast_dir)
+    # eta* lies between 2^-4.5 and 2^-2 (B 8 and 32, D 2^15 to 2^18); the initial grid is 2^-1,
+    # 2^1: every cell's optimum is below its lowest rate
+    s = Sweep.create(spec("off", SURFACE, -1, 1), fast_dir)
     report = s.autopilot(max_waves=6)
     assert report.finished == "tolerance", report.cells.to_string()
     cells = report.cells
@@ -143,7 +179,8 @@ def test_reaches_the_tolerance_with_the_optimum_off_the_initial_grid(fast_dir: P
     assert max(err) < 0.35
     waves = [r for r in Journal(s.root).records() if r["event"] == "wave"]
     assert waves[1]["proposals"] and all(p["reason"] for p in waves[1]["proposals"])
-    assert min(p["point"]["lr"] for w in waves for p in w["proposals"]) < 2**-7
+    lowest = min(truth(SURFACE, b, d) for b in (8, 32) for d in (2**15, 2**18))
+    assert min(p["point"]["lr"] for w in waves for p in w["proposals"]) < 2**lowest
 
 
 SURFACES = [
@@ -174,6 +211,26 @@ def test_early_stopping_never_stops_a_run_that_could_be_optimal(fast_dir: Path, 
             if d > done:  # a horizon it will not reach: its rate is not the optimum there
                 gap = abs(math.log2(run.lr) - truth(s_, run.batch_size, d))
                 assert gap > 0.5, (rec["run_id"], d, rec["evidence"])
+                # nor is it the sweep's best run there (by the surface's noise-free loss)
+                assert planted_best(s, run.batch_size, d) != run.id, (d, rec["evidence"])
+
+
+def planted_best(sweep: Sweep, batch: int, tokens: int) -> str:
+    """The run of the sweep with the lowest noise-free simulated loss at (B, D), among the runs
+    that do not diverge before D."""
+    best: tuple[float, str] = (math.inf, "")
+    for rid in sweep.store.run_ids():
+        path = sweep.store.run_dir(rid) / "trial.json"
+        if not path.exists():
+            continue
+        t = Trial.from_dict(json.loads(path.read_text()))
+        if t.cfg.batch_size != batch or tokens not in t.cfg.horizons_tokens:
+            continue
+        model = Model(t.surface, t.cfg)
+        step = tokens // t.cfg.tokens_per_step
+        if model.div_step is None or model.div_step > step:
+            best = min(best, (model.point(step).loss, rid))
+    return best[1]
 
 
 def test_stopped_runs_keep_their_data(fast_dir: Path) -> None:

@@ -149,10 +149,8 @@ class Surface:
 
 # Lower bounds of the surface's parameters: (bound, strict).
 _LOWER: dict[str, tuple[float, bool]] = {
-    **dict.fromkeys(
-        ("noise", "run_noise", "val_noise", "norm_noise", "batch_curvature"), (0.0, False)
-    ),
-    **dict.fromkeys(("step_time_s", "sleep_s_per_step"), (0.0, False)),
+    **dict.fromkeys(("noise", "run_noise", "val_noise", "norm_noise"), (0.0, False)),
+    **dict.fromkeys(("batch_curvature", "step_time_s", "sleep_s_per_step"), (0.0, False)),
     **dict.fromkeys(("loss_decay", "loss_tokens", "x0", "norm_lr_exponent"), (0.0, True)),
     **dict.fromkeys(("curvature", "curvature_high"), (0.0, True)),
 }
@@ -431,8 +429,6 @@ class SimRun:
             last = upto - upto % every
             keep = self.cfg.keep_checkpoints
             due |= {s for s in range(last, after, -every)[:keep] if s > 0}
-        if not due:
-            return
         for s in sorted(due):
             self._marker(s)
 

@@ -44,7 +44,10 @@ class AutopilotConfig:
             band's upper confidence limit at every horizon still to come by this much.
         band_min_slices: Finished, well-fitted slices needed to estimate the band.
         band_max_width_log2: The band (and the eta* trend) counts as identified only while its
-            confidence interval at a horizon is at most this wide.
+            confidence interval at a horizon is at most this wide. A slice read off a grid h
+            octaves apart carries a grid allowance of h / 4 in its error, so on the 2-octave
+            grid the autopilot starts from one slice alone is +-1 wide at 95 %: the limit must
+            be above 2 for any stop to happen before the grid is densified.
         band_z: Normal quantile of the band's and the trend's confidence limits.
         rate_margin_log2: Far rule: stop a run whose log2 rate is this far outside the eta*
             trend's confidence interval at every horizon still to come...
@@ -69,7 +72,7 @@ class AutopilotConfig:
     early_stop: bool = True
     norm_margin_log2: float = 1.0
     band_min_slices: int = 3
-    band_max_width_log2: float = 2.0
+    band_max_width_log2: float = 3.0
     band_z: float = 2.0
     rate_margin_log2: float = 1.0
     loss_margin: float = 0.02

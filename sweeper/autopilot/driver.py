@@ -136,6 +136,7 @@ class _Pilot:
         self.stops: dict[str, dict[str, Any]] = {}
         self.wave = 0
         self.lock = threading.Lock()
+        self.last: tuple[estimates.Snapshot, pd.DataFrame] | None = None  # of the wave's end
 
     def _log(self, event: str, **fields: Any) -> dict[str, Any]:
         rec = self.journal.append(event, **fields)
@@ -157,8 +158,8 @@ class _Pilot:
             self._log("wave", wave=0, proposals=[], note=f"the spec's grid: {runs} runs")
             self._wave(0, [], prog, resume=False)
         while True:
-            snap = self._snapshot()
-            cells = proposals.verdicts(snap, self.cfg)
+            snap, cells = self.last or self._judge()
+            self.last = None
             why = self._finished(snap, cells)
             props = [] if why else self._proposals(snap, cells)
             if not why and not props:
@@ -213,8 +214,7 @@ class _Pilot:
             else:
                 self.sweep.launch(**opts)
         self._finalize_stops()
-        snap = self._snapshot()
-        cells = proposals.verdicts(snap, self.cfg)
+        snap, cells = self.last = self._judge()  # the next wave is planned from this snapshot
         self._log("wave_end", wave=wave, spent_tokens=snap.spent_tokens,
                   spent_flops=snap.spent_flops, runs=len(snap.runs), stopped=len(self.stops),
                   **_cell_counts(cells))  # fmt: skip
@@ -226,6 +226,10 @@ class _Pilot:
             why, self.wave, cells, snap.spent_tokens, snap.spent_flops, len(snap.runs),
             len(self.stops), self.journal.path,
         )  # fmt: skip
+
+    def _judge(self) -> tuple[estimates.Snapshot, pd.DataFrame]:
+        snap = self._snapshot()
+        return snap, proposals.verdicts(snap, self.cfg)
 
     def _snapshot(self) -> estimates.Snapshot:
         self.sweep.collect()
@@ -276,7 +280,8 @@ class _Pilot:
 
     def _send(self, run_id: str, rec: dict[str, Any]) -> None:
         store = self.sweep.store
-        request_stop(store, run_id, RunState.STOPPED, reason=rec["reason"], rule=rec["rule"])
+        why = f"{rec['rule']}: {rec['reason']}"  # the run's last event says which rule and why
+        request_stop(store, run_id, RunState.STOPPED, reason=why, rule=rec["rule"])
         if self.backend != "sim":
             cfg = self.sweep.spec.backend.config(self.backend)
             load_backend(self.backend, cfg).cancel(store, [run_id])

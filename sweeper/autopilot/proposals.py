@@ -2,12 +2,17 @@
 
 Pure functions of a :class:`~sweeper.autopilot.estimates.Snapshot`. A cell is *identified* when its
 slice's fit is sound (status ok, no edge, the vertex inside the fitted points, a valid bootstrap),
-the 95 % interval of log2 eta* is at most ``tolerance_log2`` on each side, and at least two tried
-rates lie on each side of eta*. Otherwise the cell asks for runs, each with its reason:
+the 95 % interval of log2 eta* is at most ``tolerance_log2`` on each side, and at least
+``side_points`` usable rates lie on each side of eta*. Otherwise the cell asks for runs, each
+with its reason:
 
-* **edge / one-sided**: rates past the last usable rate on the short side (``side_points`` wanted);
-* **densify**: midpoints of the gaps around eta* while they are wider than ``min_step_log2``;
-  then, at the finest spacing, further seeds at the rates nearest eta* (``max_seeds``);
+* **edge**: ``side_points`` rates past the last usable rate, at the spacing of the outermost
+  usable rates (at least ``design_step_log2``);
+* **one-sided**: ``side_points`` rates on the short side of the estimate, ``design_step_log2``
+  apart;
+* **densify**: the design around eta*, finer while the usable rates around it are close (down to
+  ``min_step_log2``); then, at the finest spacing, further seeds at the rates nearest eta*
+  (``max_seeds``);
 * **no points**: rates around eta* predicted from the trend (or the nearest identified cell);
 * **batch**: when B*(D) (the batch with the lowest optimal loss) is the smallest or largest batch
   tried, the next batch size beyond it, with rates around its predicted eta*.
@@ -105,7 +110,7 @@ def _verdict(o: Any, valid: list[float], cfg: AutopilotConfig) -> tuple[bool, st
     if (hi - lo) / 2 > cfg.tolerance_log2:
         return False, f"interval +-{(hi - lo) / 2:.2f} > {cfg.tolerance_log2:g}"
     below, above = sum(v < est for v in valid), sum(v > est for v in valid)
-    if min(below, above) < 2:
+    if min(below, above) < cfg.side_points:
         return False, f"{below} rates below eta*, {above} above"
     return True, "identified"
 
@@ -168,10 +173,40 @@ class _Group:
         best = min(losses, key=losses.__getitem__)
         edge = str(c.why).startswith("optimum at")
         centre = best if edge or not finite(c.log2_lr_star) else float(c.log2_lr_star)
+        side = _short_side(valid, best, centre, edge)
+        at_end = edge or len(valid) < 3
+        if side:
+            out = self._extend(side, valid, centre, at_end, f"D = {tokens}: {c.why}")
+            if out:
+                return out
         h = self._spacing(centre, valid)
         out = self._design(centre, h, f"D = {tokens}: {c.why}; design at spacing {h:g}")
+        while not out and h > self.cfg.min_step_log2 + 1e-9:  # the design's rates were tried
+            h = max(self.cfg.min_step_log2, h / 2)  # (e.g. stopped before D): a finer one
+            out = self._design(centre, h, f"D = {tokens}: {c.why}; design at spacing {h:g}")
         if not out and h <= self.cfg.min_step_log2 + 1e-9 and not edge:
             out = self._seeds(centre, valid, f"D = {tokens}: {c.why}; another seed")
+        return out
+
+    def _extend(self, side: int, valid: list[float], centre: float, edge: bool, why: str
+                ) -> list[Proposal]:  # fmt: skip
+        """``side_points`` rates on the short side (``side`` -1: below, +1: above). Past an edge,
+        beyond the last usable rate at the spacing of the outermost usable rates (at least the
+        design step): a grid that missed the optimum is extended at its own pace, not one fine
+        step per wave. One-sided inside the range: between the estimate and the far rates, at
+        the design step."""
+        step = self.cfg.design_step_log2
+        start = centre
+        if edge:
+            outer = valid[:2] if side < 0 else valid[-2:]
+            step = max(step, abs(outer[-1] - outer[0]) if len(outer) == 2 else 0.0)
+            start = valid[0] if side < 0 else valid[-1]
+        where = "below" if side < 0 else "above"
+        out = []
+        for j in range(1, self.cfg.side_points + 1):
+            v = self._lattice(start + side * j * step)
+            if v not in self.rates:
+                out += self._make(v, self.seed, f"{why}; {where} at spacing {step:g}")
         return out
 
     def _spacing(self, centre: float, valid: list[float]) -> float:
@@ -223,6 +258,18 @@ class _Group:
             return []
         self.tried.add((v, seed))
         return [Proposal(self.model, self.layout, self.scales, self.batch, v, seed, why)]
+
+
+def _short_side(valid: list[float], best: float, centre: float, edge: bool) -> int:
+    """-1 when fewer than two usable rates lie below the optimum (an edge, the best rate the
+    lowest, or a one-sided fit), +1 when fewer than two lie above, 0 when both sides have two."""
+    if edge or len(valid) < 3:
+        return -1 if best <= valid[0] + 1e-9 else 1 if best >= valid[-1] - 1e-9 else 0
+    below = sum(v < centre - 1e-9 for v in valid)
+    above = sum(v > centre + 1e-9 for v in valid)
+    if min(below, above) >= 2 or below == above:
+        return 0
+    return -1 if below < above else 1
 
 
 def _scales(runs: pd.DataFrame) -> tuple[float, float, float]:

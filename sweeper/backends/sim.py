@@ -168,8 +168,8 @@ class SimBackend:
         for a in live:
             with contextlib.suppress(OSError):
                 touch(store.run_dir(a.record.id), "heartbeat")
-        for hook in list(_HOOKS.get(store.root.resolve(), [])):
-            hook(store)
+        for hook in list(_HOOKS.get(store.root.resolve(), [])) if live else []:
+            hook(store)  # (not after the last round: no run is left to stop)
         for a in live:
             req = stop_request(store, a.record.id)
             if req is not None:

@@ -59,7 +59,7 @@ def autopilot_cmd(
 
     \b
     Example:
-      sweeper autopilot sweeps/sim-autopilot.toml
+      sweeper autopilot my-study.toml                  # a spec with a [simulator] table: seconds
       sweeper autopilot sweeps/demo.toml --backend local --max-parallel 2 --max-waves 3
     """
     options = _options(settings)
