@@ -8,6 +8,8 @@ except by :meth:`Analysis.write`; proposals of new runs are returned, never appl
     result.optima          # one row per (model, layout, D, B) slice
     result.laws["series"]  # eta*(B, D) and B*(D) laws per (model, layout), with 95 % intervals
     result.warnings        # each names its slice
+    result.width           # per-group rate exponents across width (None without a width family)
+    result.schedule_law    # with AnalysisOptions(schedules=True): the schedule law
     result.write(Path("results/demo/analysis"))
 """
 
@@ -28,6 +30,11 @@ from sweeper.analysis.smoothing import SmoothOptions, smooth_points, trajectorie
 from sweeper.analysis.tables import AnalysisError, Tables, from_frames, load_sweep, planned_runs
 
 ETA_CHOICES = {"interp": "log2_lr_star_interp", "point": "log2_lr_star"}
+_BSTAR_COLUMNS = [
+    *("model", "layout", "tokens", "log2_D", "batch_size_star", "log2_B_star"),
+    *("log2_B_star_interp", "y0", "x0", "lr_star", "log2_lr_star", "log2_lr_star_interp"),
+    *("n_batch", "edge_batch", "censored"),
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +64,11 @@ class AnalysisOptions:
         seed: Bootstrap seed.
         plots: Draw the figures when writing.
         title: Report title.
+        width: Fit the per-group rate exponents across width when the table has a width family
+            with per-group rates (:mod:`sweeper.analysis.width`).
+        schedules: Fit the schedule law (:mod:`sweeper.analysis.schedule_law`; needs the metrics).
+        fit_schedules: Schedules the law is fitted on (labels or kinds); the rest are held out
+            and predicted. None: all.
     """
 
     k: int = 7
@@ -77,6 +89,9 @@ class AnalysisOptions:
     seed: int = 0
     plots: bool = True
     title: str = ""
+    width: bool = True
+    schedules: bool = False
+    fit_schedules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.k < 3:
@@ -131,6 +146,8 @@ class Analysis:
         warnings: Each names the slice, horizon or series it is about.
         intercept: The intercept the parabolas were fixed to.
         timings: Wall seconds per stage (``smooth``, ``optima``, ``laws``).
+        width: The per-group rate exponents across width, when the table has the design.
+        schedule_law: The schedule law, when asked for (``schedules``).
     """
 
     options: AnalysisOptions
@@ -142,6 +159,8 @@ class Analysis:
     warnings: tuple[str, ...]
     intercept: Intercept
     timings: dict[str, float] = field(default_factory=dict)
+    width: Any = None
+    schedule_law: Any = None
 
     @property
     def eta_source(self) -> str:
@@ -244,14 +263,20 @@ def analyze_tables(
     t1 = time.perf_counter()
     points = slice_points(smoothed)
     optima = optima_from_points(points, _fit_options(options, intercept))
-    if optima.empty or not (optima["status"] == "ok").any():
+    extra = _extra_analyses(tables, options)
+    if (optima.empty or not (optima["status"] == "ok").any()) and not any(extra.values()):
         raise AnalysisError(
             f"{tables.source or 'table'}: no (model, D, B) slice has 3 usable points to fit an "
             "optimum"
         )
     t2 = time.perf_counter()
-    fits = laws.fit_all(optima, ETA_CHOICES[options.eta], options.include_censored)
+    any_ok = (optima["status"] == "ok").any() if not optima.empty else False
+    # a sweep with only width or schedule data has no slice to fit the laws on
+    fit_on = optima if any_ok else optima.iloc[:0]
+    fits = laws.fit_all(fit_on, ETA_CHOICES[options.eta], options.include_censored)
     bstar = fits.pop("batch_star")
+    if bstar.empty:
+        bstar = pd.DataFrame(columns=_BSTAR_COLUMNS)
     warn = [
         *checks.input_warnings(
             smoothed,
@@ -264,8 +289,27 @@ def analyze_tables(
         *checks.batch_warnings(bstar),
         *checks.slice_warnings(optima, intercept.text(), options.gap_sigmas),
     ]
+    for more in extra.values():
+        warn += more.warnings if more is not None else []
     timings = {"smooth": t1 - t0, "optima": t2 - t1, "laws": time.perf_counter() - t2}
-    return Analysis(options, tables, points, optima, bstar, fits, tuple(warn), intercept, timings)
+    return Analysis(options, tables, points, optima, bstar, fits, tuple(warn), intercept, timings,
+                    **extra)  # fmt: skip
+
+
+def _extra_analyses(tables: Tables, options: AnalysisOptions) -> dict[str, Any]:
+    """The width analysis (when the table has the design) and the schedule law (when asked)."""
+    from sweeper.analysis import schedule_law, width
+
+    w = None
+    if options.width:
+        w = width.analyze_width(tables.horizons, width.WidthOptions(loss=options.loss))
+    law = None
+    if options.schedules:
+        law_opts = schedule_law.LawOptions(
+            fit_schedules=options.fit_schedules, n_boot=min(options.n_boot, 100), seed=options.seed
+        )
+        law = schedule_law.fit_schedule_law(tables, law_opts)
+    return {"width": w, "schedule_law": law}
 
 
 def analyze_sweep(

@@ -48,6 +48,8 @@ _FIGURE_PREFIXES = (
     "norm_growth_",
     "batch_star",
     "norm_",
+    "width_",
+    "schedule_law_",
 )
 
 
@@ -68,6 +70,9 @@ def document(a: Analysis) -> dict[str, Any]:
         "batch_star": a.batch_star.to_dict(orient="records"),
         "censored": a.censored.to_dict(orient="records"),
     }
+    for name in ("width", "schedule_law"):  # sweeper.analysis.width, .schedule_law
+        if getattr(a, name, None) is not None:
+            doc[name] = getattr(a, name).document()
     return dict(_jsonable(doc))
 
 
@@ -121,11 +126,25 @@ def figures(a: Analysis) -> list[Figure]:
         growth = _norm_growth(a, model, layout)
         if growth is not None:
             add(Figure(f"norm_growth_{slug}.png", f"Output norm during training ({who})", growth))
+    if not (a.optima["status"] == "ok").any():  # a sweep with only width or schedule data
+        return figs + _extra_figures(a)
     figs.append(Figure("batch_star.png", "Optimal batch size against horizon",
                        plots.batch_star(a.batch_star, a.laws["series"])))  # fmt: skip
     figs.append(Figure("norm_transfer.png", "Optimal output norm against horizon (norm transfer)",
                        plots.norm_transfer(a.optima, a.laws["norm_transfer"])))  # fmt: skip
-    return figs
+    return figs + _extra_figures(a)
+
+
+def _extra_figures(a: Analysis) -> list[Figure]:
+    """The width and schedule-law figures (when those analyses ran)."""
+    from sweeper.analysis import law_report
+
+    out = []
+    if a.width is not None:
+        out += [Figure(*f) for f in law_report.width_figures(a.width)]
+    if a.schedule_law is not None:
+        out += [Figure(*f) for f in law_report.schedule_figures(a.schedule_law)]
+    return out
 
 
 def _norm_growth(a: Analysis, model: str, layout: str) -> bytes | None:
@@ -347,6 +366,7 @@ def render_html(doc: dict[str, Any], optima: pd.DataFrame, figs: list[Figure]) -
         cols = ["model", "layout", "tokens", "batch_size_star", "lr_star", "y0", "x0", "censored"]
         parts += ["<h2>Optimal batch size B*(D)</h2>", bs[cols].to_html(index=False,
                   float_format="%.4g", na_rep="-")]  # fmt: skip
+    parts += _extra_sections(doc)
     parts.append("<h2>Figures</h2>")
     for f in figs:
         b64 = base64.b64encode(f.png).decode()
@@ -357,6 +377,17 @@ def render_html(doc: dict[str, Any], optima: pd.DataFrame, figs: list[Figure]) -
     parts.append(_optima_table(optima))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _extra_sections(doc: dict[str, Any]) -> list[str]:
+    from sweeper.analysis import law_report
+
+    out = []
+    if "width" in doc:
+        out.append(law_report.width_section(doc["width"]))
+    if "schedule_law" in doc:
+        out.append(law_report.schedule_section(doc["schedule_law"]))
+    return out
 
 
 def _optima_table(optima: pd.DataFrame) -> str:

@@ -20,9 +20,7 @@ from sweeper import Sweep, SweepError
 from sweeper.cli import results_dir, results_option
 
 if TYPE_CHECKING:  # pandas is imported by the commands themselves, not at CLI start-up
-    from sweeper.analysis.api import Analysis, AnalysisOptions
-    from sweeper.analysis.refine import Proposal
-    from sweeper.analysis.tables import Tables
+    from sweeper import Analysis, AnalysisOptions, Proposal, Tables
 
 _MAX_WARNINGS_PRINTED = 20
 
@@ -200,6 +198,12 @@ def _fit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Fit the laws on slices whose optimum is not bracketed too.")  # fmt: skip
 @click.option("--no-plots", is_flag=True, help="Tables and report only.")
 @click.option("--seed", default=0, show_default=True, help="Bootstrap seed.")
+@click.option("--schedules", is_flag=True,
+              help="Fit the schedule law L = L0 + A S1^-alpha - C S2 (Tissue et al. 2024) to every "
+              "logged step, predict held-out runs, rank candidate schedules.")  # fmt: skip
+@click.option("--fit-schedules", default=None,
+              help="With --schedules: schedules fitted, e.g. 'constant,wsd0.2' (labels or kinds); "
+              "the others are held out and predicted [default: all fitted].")  # fmt: skip
 @results_option
 @_one_line_errors
 def analyze(
@@ -223,6 +227,10 @@ def analyze(
           --c-fixed 11.765 --average-h 2^33..2^37 --average-bs 8..128
     """
     tables, default_out = _load(sweep, from_file, horizons, metrics_file, results_here)
+    fit = kw.pop("fit_schedules")
+    if fit is not None and not kw["schedules"]:
+        raise _UsageError("--fit-schedules goes with --schedules")
+    kw["fit_schedules"] = tuple(v.strip() for v in fit.split(",") if v.strip()) if fit else None
     result = sweeper.analyze_tables(tables, _options(plots=not no_plots, **kw))
     out_dir = Path(out) if out else default_out
     files = result.write(out_dir)
@@ -250,6 +258,7 @@ def _print_summary(res: Analysis) -> None:
         beta = "" if not lr["identified"] else f", beta {_fmt(lr, 'beta')}"
         click.echo(f"  {s['model']} [{s['layout']}]: eta* law alpha {alpha}{beta}")
         click.echo(f"  {s['model']} [{s['layout']}]: B* = a D^b, b {_fmt(bl, 'b')}")
+    _print_extra(res)
     nt = res.laws["norm_transfer"]["all"]
     if nt.get("n"):
         std = "" if math.isnan(nt["std"]) else f" +- {nt['std']:.3f}"
@@ -259,6 +268,27 @@ def _print_summary(res: Analysis) -> None:
     if len(res.warnings) > _MAX_WARNINGS_PRINTED:
         more = len(res.warnings) - _MAX_WARNINGS_PRINTED
         click.echo(f"warning: ... and {more} more (all in fits.json and report.html)")
+
+
+def _print_extra(res: Analysis) -> None:
+    """One line per width exponent and per schedule-law fit."""
+    if res.width is not None:
+        for r in res.width.exponents.itertuples(index=False):
+            c = f"{r.c:.3f} [{r.c_lo:.3f}, {r.c_hi:.3f}]" if r.identified else "not identified"
+            click.echo(f"  width law {r.optimizer} {r.family} B={r.batch_size} D={r.tokens} "
+                       f"{r.group}: c = {c}")  # fmt: skip
+    if res.schedule_law is not None:
+        for g in res.schedule_law.groups:
+            k = g.key
+            fit = g.note
+            if g.identified:
+                fit = ", ".join(f"{p} {g.coef[p]:.4g} [{g.ci[p][0]:.4g}, {g.ci[p][1]:.4g}]"
+                                for p in ("L0", "A", "alpha", "C"))  # fmt: skip
+            click.echo(f"  schedule law {k['model']} B={k['batch_size']} lr={k['lr']:.4g}: {fit}")
+        held = res.schedule_law.held_out()
+        for r in held.itertuples(index=False):
+            click.echo(f"  held out {r.schedule} T={r.final_step}: final loss {r.final_obs:.4f}, "
+                       f"predicted {r.final_pred:.4f} ({100 * r.rel_error:+.2f} %)")  # fmt: skip
 
 
 @click.command("refine")
