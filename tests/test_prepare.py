@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from sweeper.store import SweepStore
 from trainer.config import ConfigError, DataConfig, TrainConfig
 from trainer.data import Shards
 from trainer.manifest import check_data, read_manifest, train_tokens_needed
@@ -327,6 +328,7 @@ def test_tokens_needed_matches_what_the_trainer_reads() -> None:
     assert train_tokens_needed(cfg) == 21 * 4 * 17  # 20 steps + 1, windows of seq_len + 1
 
 
+@pytest.mark.slow
 def test_trainer_trains_on_prepared_data(tmp_path: Path, trainer_cli: Any) -> None:
     out = _corpus(tmp_path, 600)
     cfg = {
@@ -353,3 +355,82 @@ def test_trainer_trains_on_prepared_data(tmp_path: Path, trainer_cli: Any) -> No
     small = {**cfg, "model": {"preset": "test-micro"}}  # vocab 256 < 257: refused before step 0
     refused = trainer_cli.run(small, tmp_path / "run2")
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+
+
+# ------------------------------------------------------------------------ through the sweeper CLI
+
+SWEEPER = str(Path(sys.executable).with_name("sweeper"))
+
+
+def _spec(path: Path, shards: Path, vocab: int = 257) -> Path:
+    """A one-run sweep (test-micro, 10 steps of 4 x 16 tokens) on the token directory ``shards``."""
+    path.write_text(
+        f"""name = "{path.stem}"
+
+[[models]]
+preset = "test-micro"
+vocab_size = {vocab}
+
+[data]
+kind = "shards"
+path = "{shards}"
+[grid]
+lr = [0.03125]
+batch_size = [4]
+horizons_tokens = [640]
+seeds = [30]
+
+[train]
+log_every = 5
+val_tokens = 256
+checkpoint_every = 0
+threads = 1
+
+[backend.local]
+max_parallel = 1
+"""
+    )
+    return path
+
+
+def _sweeper(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SWEEPER, *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_sweep_trains_on_prepared_data(tmp_path: Path) -> None:
+    out = _corpus(tmp_path, 600)
+    spec = _spec(tmp_path / "onshards.toml", out)
+    results = tmp_path / "results"
+    done = _sweeper("--results", str(results), "launch", str(spec), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    store = SweepStore(results / "onshards")
+    (run_id,) = store.run_ids()
+    run = store.run_dir(run_id)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["step"] == 10
+    data = json.loads((run / "provenance.json").read_text())["data"]
+    digest = hashlib.sha256((out / "data.json").read_bytes()).hexdigest()
+    assert data["manifest_sha256"] == digest
+    assert (data["vocab_size"], data["eos_id"], data["tokenizer"]) == (257, 256, "bytes")
+    assert data["train_tokens"] == read_manifest(out).train_tokens
+
+
+def test_plan_refuses_a_vocabulary_or_size_mismatch_in_one_line(tmp_path: Path) -> None:
+    out = _corpus(tmp_path, 40)  # 40 documents, about 16k training tokens
+    m = read_manifest(out)
+    _spec(tmp_path / "vocab.toml", out, vocab=256)
+    big = _spec(tmp_path / "size.toml", out).read_text().replace("[640]", "[1048576]")
+    (tmp_path / "size.toml").write_text(big)  # 16,384 steps of 4 x 17 tokens
+    cases = {
+        "vocab.toml": "vocabulary 257 > model.vocab_size 256",
+        "size.toml": f"{m.train_tokens} training tokens, the largest horizon needs",
+    }
+    for name, message in cases.items():
+        done = _sweeper("plan", str(tmp_path / name))
+        assert done.returncode == 2, (name, done.stdout, done.stderr)
+        assert message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+        assert "Traceback" not in done.stderr and str(out) in done.stderr
+    (tmp_path / "repeat.toml").write_text(big.replace("[data]", "[data]\nallow_repeat = true"))
+    ok = _sweeper("plan", str(tmp_path / "repeat.toml"))  # the same corpus, vocabulary 257
+    assert ok.returncode == 0, ok.stderr

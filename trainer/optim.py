@@ -212,7 +212,7 @@ class Scion(_TracksUpdateNorms, torch.optim.Optimizer):
         _validate_scion_group(self.param_groups[-1])
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One Scion step over all groups; returns ``closure()``'s loss when given."""
         loss = None
         if closure is not None:
@@ -244,6 +244,7 @@ class Scion(_TracksUpdateNorms, torch.optim.Optimizer):
     def _direction(self, group: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
         """The tensor the LMO sees: the gradient, its EMA, or the Nesterov mix."""
         g = p.grad
+        assert g is not None  # step() asks only for parameters with a gradient
         beta = group["momentum"]
         if beta <= 0:
             return g
@@ -384,7 +385,7 @@ class AdamW(_TracksUpdateNorms, torch.optim.AdamW):
         super().__init__(params, **kwargs)
         self._init_tracking()
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One AdamW step; see ``torch.optim.AdamW.step``."""
         return self._step_tracking_change(lambda: super(AdamW, self).step(closure))
 
@@ -413,7 +414,7 @@ class AdamAtan2(_TracksUpdateNorms, torch.optim.Optimizer):
         self._init_tracking()
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One Adam-atan2 step; returns ``closure()``'s loss when given."""
         loss = None
         if closure is not None:
