@@ -43,8 +43,8 @@ from trainer.runtime import (
     DistEnv,
     StopFlag,
     configure_threads,
-    init_process_group,
     dist_env_from_environ,
+    init_process_group,
     provenance,
 )
 from trainer.schedule import lr_multiplier
