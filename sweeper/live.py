@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import re
+import stat
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -26,6 +27,7 @@ from sweeper.errors import StoreError
 from sweeper.fsutil import write_bytes_atomic
 from sweeper.records import RunRecord, RunState
 from sweeper.store import EVENTS, RECORD, SweepStore
+from sweeper.store_read import MAX_RECORD_BYTES
 from trainer.schema import METRICS_FILE, parse_metrics_line
 
 if TYPE_CHECKING:
@@ -61,10 +63,14 @@ class RunProgress:
 
     def to_dict(self) -> dict[str, Any]:
         """Flat dict for tables, JSON and CSV."""
-        d = dataclasses.asdict(self)
+        # every field is a plain value: asdict's deep copy cost ~20% of ``status --format json``
+        d = {name: getattr(self, name) for name in _PROGRESS_FIELDS}
         d["state"] = self.state.value
         d["progress"] = f"{self.step}/{self.total_steps}" if self.step is not None else None
         return d
+
+
+_PROGRESS_FIELDS = tuple(f.name for f in dataclasses.fields(RunProgress))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +121,10 @@ class RecordIndex:
     """Briefs of every run record, kept in ``<sweep>/.cache/status-index.json`` keyed by the
     record file's size and mtime: a cold ``status`` of 10,000 runs then parses one JSON file
     instead of validating 10,000 records (bench/bench_live.py). A record whose file changed is
-    read again; a cache that cannot be read or written is ignored."""
+    read again; a cache that cannot be read or written is ignored.
+
+    A brief is given only for a record that was validated as the file now is (a regular file,
+    within the store's bound), so the store need not read it again for the run's status."""
 
     def __init__(self, store: SweepStore) -> None:
         self.store = store
@@ -128,18 +137,23 @@ class RecordIndex:
                 self.entries = raw["runs"]
 
     def brief(self, rid: str) -> Brief | None:
-        key = _stat(os.path.join(self.store.runs_dir, rid, RECORD))
+        """The run's brief; None if its record is missing or not valid."""
+        return self.brief_at(rid, _record_key(os.path.join(self.store.runs_dir, rid, RECORD)))
+
+    def brief_at(self, rid: str, key: tuple[int, int] | None) -> Brief | None:
+        """:meth:`brief`, given the record file's :func:`_record_key` just taken."""
+        if key is None:
+            return None  # missing, not a regular file, or too large: the status says which
         hit = self.entries.get(rid)
-        if key is not None and hit is not None and tuple(hit[0]) == key:
+        if hit is not None and tuple(hit[0]) == key:
             with contextlib.suppress(TypeError, ValueError):
                 return Brief(*hit[1])
         try:
             brief = Brief.of(self.store.load_record(rid))
         except StoreError:
             return None
-        if key is not None:
-            self.entries[rid] = [list(key), list(dataclasses.astuple(brief))]
-            self.dirty = True
+        self.entries[rid] = [list(key), list(dataclasses.astuple(brief))]
+        self.dirty = True
         return brief
 
     def save(self) -> None:
@@ -162,7 +176,7 @@ class LiveView:
         self.sweep = sweep
         self.store: SweepStore = sweep.store
         self._index = RecordIndex(sweep.store)
-        self._briefs: dict[str, Brief | None] = {}
+        self._runs_dir = str(sweep.store.runs_dir)  # plain strings: pathlib is slow per run
         self._rows: dict[str, _Cached] = {}
         self.reads = 0  # files parsed by the last refresh (the bench and tests look at it)
 
@@ -175,28 +189,28 @@ class LiveView:
         return rows
 
     def _row(self, rid: str, now: float) -> RunProgress:
-        rd = os.path.join(self.store.runs_dir, rid)
-        key = (_stat(os.path.join(rd, EVENTS)), _stat(os.path.join(rd, METRICS_FILE)),
-               _stat(os.path.join(rd, "heartbeat")))  # fmt: skip
+        rd = f"{self._runs_dir}/{rid}"
+        key = (
+            _stat(f"{rd}/{EVENTS}"),
+            _stat(f"{rd}/{METRICS_FILE}"),
+            _stat(f"{rd}/heartbeat"),
+            _record_key(f"{rd}/{RECORD}"),
+        )
         hit = self._rows.get(rid)
         # A running run's state (stale or not) and ETA depend on the clock, so it is read again;
         # every other run is served from the cache while its files are unchanged.
         if hit is not None and hit.key == key and hit.row.state not in _CLOCKED:
             return hit.row
-        row = self._read(rid, rd, now)
+        row = self._read(rid, rd, now, key[3])
         self._rows[rid] = _Cached(key, row)
         return row
 
-    def _brief(self, rid: str) -> Brief | None:
-        if rid not in self._briefs:  # records are written once and never edited
-            self._briefs[rid] = self._index.brief(rid)
-        return self._briefs[rid]
-
-    def _read(self, rid: str, rd: str, now: float) -> RunProgress:
+    def _read(self, rid: str, rd: str, now: float, record: tuple[int, int] | None) -> RunProgress:
         self.reads += 1
-        st = self.store.status(rid, now)
-        rec = self._brief(rid)
-        last = last_metrics(os.path.join(rd, METRICS_FILE))
+        rec = self._index.brief_at(rid, record)
+        # a brief is only given for a record validated as its file now is: not read again
+        st = self.store.status(rid, now, record_checked=rec is not None)
+        last = last_metrics(f"{rd}/{METRICS_FILE}")
         step = last.get("step") if last else None
         total = rec.steps if rec else None
         tps = last.get("tokens_per_s") if last else None
@@ -327,6 +341,17 @@ def format_seconds(s: float) -> str:
     if s >= 60:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s}s"
+
+
+def _record_key(path: str) -> tuple[int, int] | None:
+    """(size, mtime) of a record file that is a regular file within the store's bound."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RECORD_BYTES:
+        return None
+    return (st.st_size, st.st_mtime_ns)
 
 
 def _stat(path: str) -> tuple[int, int] | None:

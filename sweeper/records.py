@@ -213,8 +213,7 @@ class Resources:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Resources:
         """Build from a dict already validated by the spec (or read back from a record)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        return cls(**{k: v for k, v in raw.items() if k in _RESOURCE_TYPES})
 
 
 # Params that say how a run is watched, not what it computes: they never enter its id, so adding
@@ -383,14 +382,17 @@ def _resources(raw: Any) -> Resources:
         return Resources()
     if type(raw) is not dict:
         raise RecordError("resources: expected an object")
-    for f in fields(Resources):
-        value = raw.get(f.name)
+    for name, kind in _RESOURCE_TYPES.items():
+        value = raw.get(name)
         if value is None:
             continue
-        ok = type(value) is int or (f.type == "float" and type(value) is float)
-        if not ok or value <= 0 and f.name != "gpus_per_node" or value < 0:
-            raise RecordError(f"resources.{f.name} = {_short(value)}: bad value")
+        ok = type(value) is int or (kind == "float" and type(value) is float)
+        if not ok or value <= 0 and name != "gpus_per_node" or value < 0:
+            raise RecordError(f"resources.{name} = {_short(value)}: bad value")
     return Resources.from_dict(raw)
+
+
+_RESOURCE_TYPES = {f.name: f.type for f in fields(Resources)}
 
 
 def _params(raw: Any) -> dict[str, Any] | None:

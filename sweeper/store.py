@@ -387,18 +387,26 @@ class SweepStore:
             self.append_event(run_id, state, **fields)
             return True
 
-    def status(self, run_id: str, now: float | None = None) -> RunStatus:
-        """Current :class:`RunStatus` of one run."""
-        return self._status(run_id, self.run_dir(run_id), time.time() if now is None else now)
+    def status(
+        self, run_id: str, now: float | None = None, *, record_checked: bool = False
+    ) -> RunStatus:
+        """Current :class:`RunStatus` of one run.
 
-    def _status(self, run_id: str, rd: Path, now: float) -> RunStatus:
+        Args:
+            record_checked: The caller has just validated the run's ``run.json``, which is then
+                not read again (see :func:`record_problem`).
+        """
+        rd = f"{self.runs_dir}/{check_run_id(run_id)}"
+        return self._status(run_id, rd, time.time() if now is None else now, record_checked)
+
+    def _status(self, run_id: str, rd: str, now: float, record_checked: bool = False) -> RunStatus:
         log = read_event_log(rd)
         events = log.events
         last = events[-1] if events else None
         running = last is not None and last.state == RunState.RUNNING
         beat = heartbeat_mtime(rd) if running else None
         state = derive_state(events, beat, now, self.stale_after_s)
-        error = record_problem(rd) or log.error
+        error = record_problem(rd, record_checked) or log.error
         if error is not None and state not in _KEEPS_DATA:
             state = RunState.ERROR
         return RunStatus(
@@ -415,7 +423,8 @@ class SweepStore:
         """Status of every run (or of ``run_ids``), keyed by id, in the given order."""
         now = time.time()
         ids = self.run_ids() if run_ids is None else run_ids
-        return {rid: self._status(rid, self.runs_dir / check_run_id(rid), now) for rid in ids}
+        runs = str(self.runs_dir)  # plain strings: pathlib costs ~10% here
+        return {rid: self._status(rid, f"{runs}/{check_run_id(rid)}", now) for rid in ids}
 
     # ---- locking
     @contextlib.contextmanager

@@ -22,6 +22,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import orjson
+
 # The file contract (schema version, exit codes) lives in trainer.schema; re-exported here.
 from trainer.schema import (  # noqa: E402, F401
     EXIT_CONFIG,
@@ -482,9 +484,11 @@ def _to_jsonable(obj: Any) -> Any:
 
 
 @functools.cache
-def _fields(cls: type) -> tuple[dict[str, Any], frozenset[str]]:
-    # get_type_hints re-evaluates every annotation string: ~1 ms per call, too slow per run.
-    return typing.get_type_hints(cls), frozenset(f.name for f in dataclasses.fields(cls))
+def _fields(cls: type) -> tuple[dict[str, tuple[Any, tuple[str, Any]]], frozenset[str]]:
+    # get_type_hints re-evaluates every annotation string: ~1 ms per call, too slow per run; and
+    # hashing a ``typing`` annotation (to look up its _shape) runs Python code: shapes are kept.
+    hints, names = typing.get_type_hints(cls), frozenset(f.name for f in dataclasses.fields(cls))
+    return {n: (hints[n], _shape(hints[n])) for n in names}, names
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
@@ -501,11 +505,40 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     kwargs = {}
     for name, value in raw.items():
         key = f"{where}.{name}" if where else name
-        kwargs[name] = _coerce(hints[name], value, key)
+        kwargs[name] = _coerce(*hints[name], value, key)
     try:
         return cls(**kwargs)
     except TypeError as e:  # missing required field
         raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+_SHARED: dict[tuple[type, bytes], Any] = {}  # sub-configs built, by class and JSON text
+
+
+def _build_shared(cls: type, raw: Any, where: str) -> Any:
+    """:func:`_build`, memoized (frozen: one instance serves every run) for dicts by their JSON
+    text, which tells ``1`` from ``1.0``, ``true`` and ``-0.0`` from ``0.0``; orjson writes NaN
+    and infinity as ``null``, so a dict with more ``null`` than None values must hold neither."""
+    try:
+        text = orjson.dumps(raw) if type(raw) is dict else None
+    except TypeError:  # not JSON (e.g. a huge integer)
+        text = None
+    nulls = text.count(b"null") if text else 0
+    if text is None or nulls and nulls != list(raw.values()).count(None) and _non_finite(raw):
+        return _build(cls, raw, where)  # built, not memoized
+    built = _SHARED.get((cls, text))
+    if built is None:
+        if len(_SHARED) >= 4096:
+            _SHARED.clear()
+        built = _SHARED[cls, text] = _build(cls, raw, where)
+    return built
+
+
+def _non_finite(value: Any) -> bool:
+    """True if ``value`` is or holds a float that is NaN or infinite."""
+    if isinstance(value, dict | list | tuple):
+        return any(map(_non_finite, value.values() if isinstance(value, dict) else value))
+    return type(value) is float and not math.isfinite(value)
 
 
 @functools.cache
@@ -525,12 +558,12 @@ def _shape(tp: Any) -> tuple[str, Any]:
     return ("scalar", tp)
 
 
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    kind, arg = _shape(tp)
+def _coerce(tp: Any, shape: tuple[str, Any], value: Any, key: str) -> Any:
+    kind, arg = shape
     if kind in ("optional", "union"):
         if value is None and kind == "optional":
             return None
-        return _coerce(arg, value, key)
+        return _coerce(arg, _shape(arg), value, key)
     if kind == "literal":
         if value not in arg:
             raise ConfigError(f"{key} = {value!r}: must be one of {', '.join(map(repr, arg))}")
@@ -538,9 +571,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if kind == "tuple":
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key} = {value!r}: expected a list")
-        return tuple(_coerce(arg, v, key) for v in value)
+        return tuple([_coerce(arg, _shape(arg), v, key) for v in value])
     if kind == "dataclass":
-        return _build(arg, value, key)
+        return _build_shared(arg, value, key)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} = {value!r}: expected true or false")

@@ -32,6 +32,7 @@ from sweeper.collect.scan import WATCHED, file_signature, stat_signature
 from sweeper.records import RecordError, RunRecord, RunState
 from sweeper.spec_protocol import schedule_tag
 from sweeper.store import EVENTS, HORIZONS, RECORD, RunStatus, SweepStore
+from sweeper.store_read import MAX_RECORD_BYTES
 from trainer.config import ConfigError, ModelConfig, TrainConfig
 from trainer.schema import (
     CONFIG_FILE,
@@ -48,6 +49,7 @@ _FAILING = frozenset({RunState.FAILED, RunState.DIVERGED, RunState.CANCELLED, Ru
 # Keys of config.json that may differ from the record's train on purpose: the worker resolves them
 # for the machine the run ran on (sweeper.worker._write_trial).
 _MACHINE_KEYS = frozenset({"threads", "branch.run_dir", "horizons_tokens"})
+_UNREAD = RunStatus("", RunState.PLANNED)  # a RunInfo's status until its files are read
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class RunInfo:
     metrics: bytes = b""
     config_mismatch: bool = False  # config.json disagrees with run.json: neither is believed
     files_read: bool = False  # False: the directory is missing or refused
+    record_checked: bool = False  # run.json read and validated (the store need not read it)
     signature: str = ""  # the files as they were read (sweeper.collect.scan)
 
 
@@ -91,11 +94,13 @@ def read_run(ctx: Context, run_id: str) -> RunInfo:
     """Read one run's files (all but the parsing of its metrics); never raises for bad files."""
     files = RunFiles(f"{ctx.runs_dir}/{run_id}")
     files.stat(EVENTS)  # before the store reads it
-    info = RunInfo(run_id, ctx.store.status(run_id, now=ctx.now))
+    info = RunInfo(run_id, _UNREAD)
     try:
         _read_files(ctx, files, info)
     except OSError as e:  # e.g. a run directory that cannot be listed: this run only
         info.problems.append(f"run directory unreadable ({e.strerror})")
+    # run.json was read and validated above: the store does not read it again
+    info.status = ctx.store.status(run_id, now=ctx.now, record_checked=info.record_checked)
     info.signature = files.signature()
     return info
 
@@ -114,6 +119,8 @@ def _read_files(ctx: Context, files: RunFiles, info: RunInfo) -> None:
     info.files_read = True
     info.record, raw_train = _load_record(files, run_id, info.problems)
     if info.record is not None:
+        # what the store checks of run.json, collect has just checked (the size bound aside)
+        info.record_checked = int(files.sigs[RECORD].split(":")[0]) <= MAX_RECORD_BYTES
         extra = ctx.store.extra_horizons(run_id) if files.stat(HORIZONS) != "-" else ()
         info.horizons = _trained_horizons(info.record, extra, info.notes)
         info.planned_steps = _check_config(files, info, raw_train)
