@@ -4,7 +4,7 @@
 # Usage: bash scripts/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev,slurm,ray
+bash scripts/setup.sh dev,slurm,ray,tracking
 .venv/bin/ruff check sweeper trainer tests bench
 .venv/bin/ruff format --check -q sweeper trainer tests bench
 .venv/bin/mypy
