@@ -25,7 +25,9 @@ import math
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
+
+import orjson
 
 from sweeper.cost import time_limit_min
 from sweeper.external import axis_slug
@@ -50,6 +52,7 @@ from trainer.config import (
 )
 
 DEFAULT_SCALES = (1.0, 1.0, 1.0)
+_T = TypeVar("_T")
 
 
 class GridPoint(NamedTuple):
@@ -144,8 +147,9 @@ def window_lrs(
 
 
 class _Planner:
-    """Expands points into records. Everything shared by a model or a (model, B) pair is built
-    once; a run costs two ``dataclasses.replace`` calls, a dict copy and one hash."""
+    """Expands points into records. Everything shared by a model, a (model, B) pair or a rate is
+    built once (configs and their dicts); a run costs a shallow copy of its model's base config,
+    a dict copy for its id, one hash and its record."""
 
     def __init__(self, spec: SweepSpec) -> None:
         self.spec = spec
@@ -157,14 +161,23 @@ class _Planner:
             for i, s in enumerate(self.schedules)
         }
         self.base_dict = {key: cfg.to_dict() for key, cfg in self.base.items()}
+        # what ids hash: the base dicts with their sub-configs as canonical JSON, written once
+        self.id_base = {
+            key: {k: _canonical(v) if type(v) is dict else v for k, v in d.items()}
+            for key, d in self.base_dict.items()
+        }
+        self.flops_per_token = {key: cfg.flops_per_token() for key, cfg in self.base.items()}
         self._per_batch: dict[tuple[str, int], tuple[Resources, bool, int | None]] = {}
         self.cost = spec.section("cost")
         self.horizons = spec.grid.horizons_tokens
+        # a [simulator] sweep runs the simulated trainer unless [backend] command is set
+        self.command = spec.backend.command or (
+            (sys.executable, "-m", "trainer.sim") if spec.section("simulator") else None
+        )
         self.unshared_flops = 0.0
         self._slugs: dict[tuple[Any, ...], str] = {}
-        self._optims: dict[tuple[Any, ...], tuple[OptimConfig, dict[str, Any]]] = {}
-        self._json: dict[tuple[Any, ...], Any] = {}
-        self._schedules: dict[tuple[Any, ...], ScheduleConfig] = {}
+        self._optims: dict[tuple[Any, ...], tuple[OptimConfig, orjson.Fragment]] = {}
+        self._schedules: dict[tuple[Any, ...], tuple[ScheduleConfig, orjson.Fragment]] = {}
         self.params = run_params(spec)
         self._point_params: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 
@@ -193,24 +206,43 @@ class _Planner:
         return hit
 
     def _train(
-        self, p: GridPoint, horizons: tuple[int, ...], **changes: Any
+        self,
+        p: GridPoint,
+        horizons: tuple[int, ...],
+        id_horizons: tuple[int, ...],
+        changes: dict[str, Any],
+        json_changes: dict[str, Any],
     ) -> tuple[TrainConfig, dict[str, Any]]:
-        """The run's TrainConfig and the same config as a dict (built from the base dict, not by
-        ``to_dict()``, which would dominate planning time; a test pins the two equal)."""
+        """The run's TrainConfig and the dict its id hashes: the config's ``to_dict()`` with
+        ``id_horizons`` as its horizons, built from the base dict, its sub-configs as canonical
+        JSON (``to_dict()`` and serializing the sub-configs per run would dominate planning time;
+        the ids, checked against ``to_dict()`` by a test, pin the two equal). ``json_changes``
+        are ``changes`` as JSON."""
         key = (p.model, p.schedule)
-        base, base_dict = self.base[key], self.base_dict[key]
-        optim, optim_dict = self._optim(p)
+        optim, optim_json = self._optim(p)
         micro = self._batch(p)[2]
-        point = {"batch_size": p.batch_size, "seed": p.seed, "horizons_tokens": horizons,
-                 "micro_batch_size": micro}  # fmt: skip
-        cfg = _replace(base, optim=optim, **point, **changes)
-        d = {**base_dict, **point, "horizons_tokens": list(horizons), "optim": optim_dict}
-        for name, value in changes.items():
-            d[name] = self._jsonable(value)
+        cfg = _replace(
+            self.base[key],
+            optim=optim,
+            batch_size=p.batch_size,
+            seed=p.seed,
+            horizons_tokens=horizons,
+            micro_batch_size=micro,
+            **changes,
+        )
+        d = {
+            **self.id_base[key],
+            "optim": optim_json,
+            "batch_size": p.batch_size,
+            "seed": p.seed,
+            "horizons_tokens": list(id_horizons),
+            "micro_batch_size": micro,
+            **json_changes,
+        }
         return cfg, d
 
-    def _optim(self, p: GridPoint) -> tuple[OptimConfig, dict[str, Any]]:
-        """The point's optimizer config and its dict, shared by every run with its rates."""
+    def _optim(self, p: GridPoint) -> tuple[OptimConfig, orjson.Fragment]:
+        """The point's optimizer config and its JSON, shared by every run with its rates."""
         key = (p.model, p.lr, p.lr_scales)
         hit = self._optims.get(key)
         if hit is None:
@@ -229,24 +261,21 @@ class _Planner:
                 rates["adam_eps"] = base.adam_eps * axes.eps_factor()
             hit = self._optims[key] = (
                 _replace(base, **rates),
-                {**self.base_dict[(p.model, 0)]["optim"], **rates},
+                _canonical({**self.base_dict[(p.model, 0)]["optim"], **rates}),
             )
         return hit
 
-    def _jsonable(self, value: Any) -> Any:
-        key = (type(value), value)
-        hit = self._json.get(key)
-        if hit is None:
-            hit = self._json[key] = _to_jsonable(value)
-        return hit
-
     def _schedule(
-        self, base: ScheduleConfig, kind: ScheduleKind, total: int | None
-    ) -> ScheduleConfig:
-        key = (base, kind, total)
+        self, p: GridPoint, kind: ScheduleKind, total: int | None
+    ) -> tuple[ScheduleConfig, orjson.Fragment]:
+        """The point's schedule with ``kind`` and ``total`` steps, and its JSON, shared by every
+        run (keyed by the schedule's index: hashing the config itself costs more per run)."""
+        key = (p.model, p.schedule, kind, total)
         hit = self._schedules.get(key)
         if hit is None:
-            hit = self._schedules[key] = dataclasses.replace(base, kind=kind, total_steps=total)
+            base = self.base[(p.model, p.schedule)].schedule
+            sched = dataclasses.replace(base, kind=kind, total_steps=total)
+            hit = self._schedules[key] = (sched, _canonical(_to_jsonable(sched)))
         return hit
 
     def _params(self, p: GridPoint) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -261,24 +290,26 @@ class _Planner:
         return hit
 
     def _record(
-        self, p: GridPoint, kind: RunKind, slug: str, cfg: TrainConfig, rid: str, parent: str | None
-    ) -> RunRecord:
-        spec = self.spec
+        self, p: GridPoint, kind: RunKind, slug: str, train: tuple[TrainConfig, dict[str, Any]],
+        parent: str | None,
+    ) -> RunRecord:  # fmt: skip
+        """The run's record, its id hashed from the ``train`` dict."""
+        cfg, d = train
+        params, hashed = self._params(p)
         resources, from_cost, _ = self._batch(p)
-        record = RunRecord(
-            id=rid,
+        record = _new(
+            RunRecord,
+            id=run_id(slug, kind, d, hashed),
             slug=slug,
             kind=kind,
             parent=parent,
-            sweep=spec.name,
+            sweep=self.spec.name,
             model=p.model,
             train=cfg,
             resources=resources,
             source=p.source,
-            # a [simulator] sweep runs the simulated trainer unless [backend] command is set
-            command=spec.backend.command
-            or ((sys.executable, "-m", "trainer.sim") if spec.section("simulator") else None),
-            params=self._params(p)[0],
+            command=self.command,
+            params=params,
         )
         if from_cost:  # the time limit from the [cost] estimate x margin
             minutes = time_limit_min(record, self.cost)
@@ -308,37 +339,44 @@ class _Planner:
         """A run read off at ``horizons``; ``keep_last`` keeps its final checkpoint, so that a
         later, longer horizon continues it instead of training from step 0."""
         last = horizons[-1] // (p.batch_size * self.models[p.model].config.seq_len)
-        changes = {"checkpoint_steps": (last,)} if keep_last else {}
-        cfg, d = self._train(p, horizons, **changes)
-        slug = self._slug(p) + suffix
+        changes: dict[str, Any] = {"checkpoint_steps": (last,)} if keep_last else {}
+        as_json: dict[str, Any] = {"checkpoint_steps": [last]} if keep_last else {}
         # Only the largest horizon enters the id: adding a smaller horizon keeps a finished run.
-        rid = run_id(
-            slug, RunKind.SINGLE, {**d, "horizons_tokens": [horizons[-1]]}, self._params(p)[1]
-        )
-        self.unshared_flops += cfg.flops_per_token() * sum(horizons)
-        return self._record(p, RunKind.SINGLE, slug, cfg, rid, None)
+        train = self._train(p, horizons, horizons[-1:], changes, as_json)
+        self.unshared_flops += self.flops_per_token[(p.model, p.schedule)] * sum(horizons)
+        return self._record(p, RunKind.SINGLE, self._slug(p) + suffix, train, None)
 
     def _wsd(self, p: GridPoint) -> list[RunRecord]:
         base = self.base[(p.model, p.schedule)]
         sched = base.schedule
         tps = p.batch_size * base.model.seq_len
         points = {d: branch_step(d // tps, sched.decay_fraction) for d in self.horizons}
-        trunk_steps = tuple(sorted(set(points.values())))
-        constant = self._schedule(sched, "constant", None)
-        tcfg, td = self._train(
-            p, tuple(s * tps for s in trunk_steps), schedule=constant, checkpoint_steps=trunk_steps
+        steps = tuple(sorted(set(points.values())))
+        constant, constant_json = self._schedule(p, "constant", None)
+        trunk_h = tuple(s * tps for s in steps)
+        trunk = self._train(
+            p,
+            trunk_h,
+            trunk_h,
+            {"schedule": constant, "checkpoint_steps": steps},
+            {"schedule": constant_json, "checkpoint_steps": list(steps)},
         )
         slug = self._slug(p)
-        tid = run_id(f"{slug}_trunk", RunKind.TRUNK, td, self._params(p)[1])
-        runs = [self._record(p, RunKind.TRUNK, f"{slug}_trunk", tcfg, tid, None)]
+        runs = [self._record(p, RunKind.TRUNK, f"{slug}_trunk", trunk, None)]
+        tid = runs[0].id
+        fpt = self.flops_per_token[(p.model, p.schedule)]
         for d in self.horizons:
-            decay = self._schedule(sched, "wsd", d // tps)
-            branch = BranchConfig(run_dir=f"runs/{tid}", step=points[d])
-            cfg, bd = self._train(p, (d,), schedule=decay, branch=branch)
-            bslug = f"{slug}_D{tokens_tag(d)}"
-            bid = run_id(bslug, RunKind.BRANCH, bd, self._params(p)[1])
-            runs.append(self._record(p, RunKind.BRANCH, bslug, cfg, bid, tid))
-            self.unshared_flops += cfg.flops_per_token() * d
+            decay, decay_json = self._schedule(p, "wsd", d // tps)
+            branch = _new(BranchConfig, run_dir=f"runs/{tid}", step=points[d])
+            train = self._train(
+                p,
+                (d,),
+                (d,),
+                {"schedule": decay, "branch": branch},
+                {"schedule": decay_json, "branch": {"run_dir": branch.run_dir, "step": points[d]}},
+            )
+            runs.append(self._record(p, RunKind.BRANCH, f"{slug}_D{tokens_tag(d)}", train, tid))
+            self.unshared_flops += fpt * d
         return runs
 
 
@@ -364,6 +402,23 @@ def _replace(obj: Any, **changes: Any) -> Any:
     return new
 
 
+def _canonical(value: Any) -> orjson.Fragment:
+    """``value`` as canonical JSON (what :func:`~sweeper.records.run_id` writes: sorted keys),
+    which ``run_id`` inserts as is: a sub-config shared by many runs is serialized once instead of
+    per run (half of an id's cost)."""
+    return orjson.Fragment(orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
+
+
+def _new(cls: type[_T], **fields: Any) -> _T:
+    """``cls(**fields)`` for a frozen dataclass given every field, without its ``__init__``
+    (a frozen ``__init__`` sets each field through ``object.__setattr__``: for ``RunRecord``, a
+    fifth of planning time). ``cls`` has no ``__post_init__`` and no slots; the planner's round-trip
+    test (``from_dict`` builds through ``__init__``) pins the result equal to ``cls(**fields)``."""
+    new = object.__new__(cls)
+    new.__dict__.update(fields)
+    return new
+
+
 def plan_sweep(spec: SweepSpec, extra_points: Iterable[GridPoint] = ()) -> Plan:
     """Expand ``spec`` (plus ``extra_points``) into runs, trunks before their branches.
 
@@ -381,15 +436,23 @@ def plan_sweep(spec: SweepSpec, extra_points: Iterable[GridPoint] = ()) -> Plan:
 
 
 def _totals(runs: list[RunRecord], unshared: float) -> dict[str, Any]:
-    flops = sum(r.flops for r in runs)
-    kinds: dict[str, int] = {}
+    flops_per_token: dict[str, float] = {}  # by model name: one config per name in a sweep
+    kinds: dict[RunKind, int] = {}
+    flops: float = 0  # an int 0 for no runs, as sum() gives
+    tokens = 0
     for r in runs:
-        kinds[r.kind.value] = kinds.get(r.kind.value, 0) + 1
+        fpt = flops_per_token.get(r.model)
+        if fpt is None:
+            fpt = flops_per_token[r.model] = r.train.flops_per_token()
+        trained = r.trained_tokens
+        flops += fpt * trained  # r.flops, without asking the model twice per run
+        tokens += trained
+        kinds[r.kind] = kinds.get(r.kind, 0) + 1
     return {
         "runs": len(runs),
-        "kinds": kinds,
+        "kinds": {k.value: n for k, n in kinds.items()},
         "flops": flops,
-        "tokens": sum(r.trained_tokens for r in runs),
+        "tokens": tokens,
         "flops_without_sharing": unshared,
         "sharing_saved_fraction": (1.0 - flops / unshared) if unshared else 0.0,
     }
