@@ -1,7 +1,8 @@
-"""The Ray backend: config, resources, cancel and reconcile (no cluster), then Ray-specific
-behaviour against a real local Ray head (``ray start --head --block``, stopped by PID): an address
-that does not answer, driver death, a driver-started local instance. What every backend does
-alike is in ``test_backend_contract.py``.
+"""The Ray backend: config, resources, a branch's wait for its fork, cancel and reconcile (no
+cluster), then Ray-specific behaviour against a real local Ray head (``ray start --head --block``,
+stopped by PID): an address that does not answer, driver death, a driver-started local instance,
+a branch that starts at its trunk's fork. What every backend does alike is in
+``test_backend_contract.py``.
 
 Runs are tiny (``test-micro``, synthetic data, one thread); what takes time is Ray's own start-up.
 """
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from sweep_cli import (
     Sweep,
     all_in,
     base_env,
+    fake_command,
     logged_steps,
     micro_spec,
     ray_head,
@@ -33,7 +36,7 @@ from sweep_cli import (
 )
 
 from sweeper import Sweep as Sweep_
-from sweeper.backends import LaunchOptions, parse_config
+from sweeper.backends import LaunchOptions, parse_config, ray
 from sweeper.backends.ray import RayBackend, RayConfig, probe, trial_resources
 from sweeper.errors import BackendError, SpecError
 from sweeper.records import Resources, RunRecord, RunState
@@ -142,6 +145,74 @@ def test_probe_tells_a_refused_address_at_once() -> None:
         s.listen()
         assert probe(f"127.0.0.1:{port}", 5) is None
     assert probe("auto", 5) is None
+
+
+# ------------------------------------------------------------------------------- WSD branches
+
+
+def test_a_branch_waits_for_its_trunks_checkpoint_at_the_fork(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = micro_spec("wsd", "ray", schedule="wsd", horizon=4096, lrs="[0.0078125]", batches="[4]")
+    (tmp_path / "wsd.toml").write_text(text)
+    store = Sweep_.create(tmp_path / "wsd.toml", tmp_path / "results").store
+    records = [store.load_record(r) for r in store.plan_order()]
+    (trunk,) = [r for r in records if r.parent is None]
+    (branch,) = [r for r in records if r.parent is not None]
+    assert ray._trunks_first(store, [branch.id, trunk.id]) == [trunk.id, branch.id]
+    monkeypatch.setattr(ray, "FORK_POLL_S", 0.01)
+    monkeypatch.setenv("SWEEPER_FORK_GRACE_S", "5")
+    for rid in (trunk.id, branch.id):
+        store.append_event(rid, RunState.SUBMITTED, backend="ray", job_id="launch-x")
+    # the trunk runs: wait until its checkpoint at the fork exists, not until it ends
+    store.append_event(trunk.id, RunState.RUNNING, backend="ray", job_id="t0")
+    ckpt = store.run_dir(trunk.id) / "ckpt" / f"step_{branch.start_step:08d}.pt"
+    ckpt.parent.mkdir()
+    timer = threading.Timer(0.5, ckpt.write_bytes, [b""])
+    timer.start()
+    began = time.monotonic()
+    assert ray.wait_for_fork(store, branch, "t1") is None
+    assert time.monotonic() - began >= 0.4 and store.status(trunk.id).state == RunState.RUNNING
+    timer.join()
+    ckpt.unlink()
+    # the trunk failed (Tune may retry it): wait; it runs again, then completes: go
+    store.append_event(trunk.id, RunState.FAILED, backend="ray", job_id="t0")
+    threading.Timer(0.1, store.append_event, [trunk.id, RunState.RUNNING]).start()
+    threading.Timer(0.4, store.append_event, [trunk.id, RunState.COMPLETED]).start()
+    assert ray.wait_for_fork(store, branch, "t1") is None
+    assert store.status(branch.id).state == RunState.SUBMITTED
+    # the branch was cancelled meanwhile: its trial skips it
+    store.append_event(trunk.id, RunState.RUNNING, backend="ray", job_id="t0")
+    threading.Timer(0.1, RayBackend().cancel, [store, [branch.id]]).start()
+    assert ray.wait_for_fork(store, branch, "t1") == RunState.CANCELLED
+    assert store.status(branch.id).reason == "cancelled by user"
+
+
+@pytest.mark.parametrize(
+    ("trunk_state", "why"),
+    [
+        (RunState.CANCELLED, "ended cancelled without a checkpoint at the fork"),
+        (RunState.SUBMITTED, "is submitted, not running, for 0.2 s"),  # queued behind branches
+        (RunState.FAILED, "is failed, not running, for 0.2 s"),  # Tune gave up on it
+    ],
+)
+def test_a_branch_whose_trunk_cannot_give_the_fork_ends_cancelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trunk_state: RunState, why: str
+) -> None:
+    text = micro_spec("wsd", "ray", schedule="wsd", horizon=4096, lrs="[0.0078125]", batches="[4]")
+    (tmp_path / "wsd.toml").write_text(text)
+    store = Sweep_.create(tmp_path / "wsd.toml", tmp_path / "results").store
+    (branch,) = [r for r in map(store.load_record, store.run_ids()) if r.parent is not None]
+    monkeypatch.setattr(ray, "FORK_POLL_S", 0.01)
+    monkeypatch.setenv("SWEEPER_FORK_GRACE_S", "0.2")
+    store.append_event(branch.id, RunState.SUBMITTED, backend="ray", job_id="launch-x")
+    store.append_event(str(branch.parent), trunk_state, backend="ray", job_id="t0")
+    assert ray.wait_for_fork(store, branch, "t1") == RunState.CANCELLED
+    st = store.status(branch.id)
+    assert st.state == RunState.CANCELLED and st.last_event and st.last_event.job_id == "t1"
+    assert f"trunk {branch.parent} {why}" in (st.reason or "")
+    if trunk_state != RunState.CANCELLED:
+        assert "sweeper resume" in (st.reason or "")
 
 
 # --------------------------------------------------------------------------- cancel and reconcile
@@ -355,3 +426,30 @@ def test_without_an_address_the_driver_starts_a_local_cluster(
     assert len(states) == 2
     log = next((sw.store.root / "ray").glob("*.log")).read_text()
     assert "Started a local Ray instance" in log
+
+
+@on_ray
+def test_a_branch_starts_at_its_trunks_checkpoint_not_at_the_trunks_end(
+    tmp_path: Path, cluster: dict[str, str]
+) -> None:
+    # the stand-in trainer runs 20 s and writes the trunk's fork checkpoint after 3 s
+    command = fake_command(tmp_path).replace(
+        "command = [", 'command = ["env", "FAKE_SLEEP=20", "FAKE_FORK_S=3", '
+    )
+    text = spec_text(
+        "fork", schedule="wsd", horizon=4096, lrs="[0.0078125]", batches="[4]", top=command
+    )
+    sw = RaySweep(tmp_path, cluster, "fork", text)
+    sw.cli("launch", str(sw.spec))
+    states = sw.wait(all_in("completed"), timeout=180)
+    (trunk,) = [r for r in states if sw.store.load_record(r).parent is None]
+    (branch,) = [r for r in states if r != trunk]
+    step = sw.store.load_record(branch).start_step
+    ckpt = sw.store.run_dir(trunk) / "ckpt" / f"step_{step:08d}.pt"
+    started = next(e for e in sw.events(branch) if e.state == RunState.RUNNING)
+    ended = sw.events(trunk)[-1]
+    assert ended.state == RunState.COMPLETED
+    assert ckpt.stat().st_mtime <= started.ts < ended.ts  # at the fork, while the trunk ran
+    assert [e.state for e in sw.events(branch)].count(RunState.RUNNING) == 1
+    experiments = [p.name for p in (sw.store.root / "ray").iterdir() if p.is_dir()]
+    assert len(experiments) == 1, experiments  # trunk and branch in one Tune experiment

@@ -11,8 +11,12 @@
   once (0: as many as fit); ``time_min`` is not enforced;
 - a failed attempt raises, so Tune retries it (``max_retries``); the retry is just ``run_trial``
   again, and the trainer resumes from its checkpoint in the run directory;
-- WSD branches wait for their trunks: trunks and single runs go first, then the branches whose
-  trunk completed (the others end ``cancelled``).
+- WSD branches start at the fork, not after the trunk: trunks and single runs come first in the
+  experiment (Tune starts the trials in that order), and a branch's trial waits, running nothing,
+  until its trunk's checkpoint at the branch step exists (or the trunk completed). It ends
+  ``cancelled`` (with the reason) when the trunk ended without that checkpoint, or when the trunk
+  has not been running for ``SWEEPER_FORK_GRACE_S`` (120 s): the trunk may wait for a slot that
+  waiting branches hold, so the branch gives its slot back and ``sweeper resume`` runs it again.
 
 An address that does not answer never leaves runs ``submitted``: ``launch`` refuses a ``host:port``
 that refuses a TCP connection within ``connect_timeout_s`` (one-line error, runs ``failed``), and
@@ -48,11 +52,14 @@ from sweeper.fsutil import read_json, write_json_atomic
 from sweeper.records import RunEvent, RunRecord, RunState
 from sweeper.store import SweepStore, hostname, process_start, same_process
 from trainer.config import ConfigError
+from trainer.schema import CKPT_DIR, checkpoint_name
 
 NAME = "ray"
 RAY_DIR = "ray"  # <sweep>/ray: launch files, driver logs, Tune's experiment directories
 LOCK_WAIT_S = 120.0  # a retry waits this long for a killed attempt's trainer to checkpoint and exit
 EXIT_NO_CLUSTER = 3  # the driver's exit status when the cluster does not answer
+FORK_POLL_S = 1.0  # a branch's trial looks for its trunk's checkpoint at the fork this often
+FORK_GRACE_S = 120.0  # ... and gives its slot back when the trunk has not been running this long
 _LAUNCH_FILE_WAIT_S = 120.0
 _FORWARDED_ENV = ("SWEEPER_", "TRAINER_")
 _log = logging.getLogger(__name__)
@@ -118,16 +125,20 @@ def ray_trial(config: dict[str, Any]) -> None:
     from sweeper.worker import run_trial
 
     sweep_dir, run_id = config["sweep_dir"], config["run_id"]
-    last = SweepStore(Path(sweep_dir)).status(run_id).last_event
-    if last is not None and last.state.is_finished() and last.state != RunState.FAILED:
-        # cancelled (or completed by someone else) after this driver was started
-        tune.report({"state": last.state.value, "skipped": True})
+    store = SweepStore(Path(sweep_dir))
+    job_id = tune.get_context().get_trial_id()
+    ended = _ended(store, run_id)
+    record = store.load_record(run_id)
+    if ended is None and record.parent is not None:
+        ended = wait_for_fork(store, record, job_id)
+    if ended is not None:
+        tune.report({"state": ended.value, "skipped": True})
         return
     res = run_trial(
         sweep_dir,
         run_id,
         backend=NAME,
-        job_id=tune.get_context().get_trial_id(),
+        job_id=job_id,
         on_interrupt=RunState.CANCELLED,
         wait_lock_s=LOCK_WAIT_S,
     )
@@ -136,6 +147,53 @@ def ray_trial(config: dict[str, Any]) -> None:
     ):
         raise TrialFailed(f"run {run_id}: {res['state']} (exit code {res.get('exit_code')})")
     tune.report({"state": res["state"], "exit_code": res.get("exit_code")})
+
+
+def _ended(store: SweepStore, run_id: str) -> RunState | None:
+    """The state of a run that ended after this driver was started (cancelled, or completed by
+    someone else), else None; ``failed`` does not count (that is Tune's retry)."""
+    last = store.status(run_id).last_event
+    if last is not None and last.state.is_finished() and last.state != RunState.FAILED:
+        return last.state
+    return None
+
+
+def wait_for_fork(store: SweepStore, record: RunRecord, job_id: str) -> RunState | None:
+    """Wait until branch ``record`` can start: None once its trunk's checkpoint at the fork exists
+    (or the trunk completed); else the state the branch ended in: ``cancelled``, recorded here
+    with the reason, when the trunk ended without that checkpoint or has not been running for
+    the grace period, or whatever ended the branch meanwhile (``sweeper cancel``).
+
+    A ``failed`` trunk counts as not running: Tune may retry it.
+    """
+    trunk = str(record.parent)
+    ckpt = store.run_dir(trunk) / CKPT_DIR / checkpoint_name(record.start_step)
+    grace = float(os.environ.get("SWEEPER_FORK_GRACE_S") or FORK_GRACE_S)
+    running_at = time.monotonic()
+    while not ckpt.is_file():
+        ended = _ended(store, record.id)
+        if ended is not None:
+            return ended
+        state = store.status(trunk).state
+        if state == RunState.COMPLETED:
+            return None
+        why = None
+        if state == RunState.RUNNING:
+            running_at = time.monotonic()
+        elif state.is_finished() and state != RunState.FAILED:
+            why = f"trunk {trunk} ended {state.value} without a checkpoint at the fork"
+        elif time.monotonic() - running_at > grace:
+            why = (
+                f"trunk {trunk} is {state.value}, not running, for {grace:g} s "
+                "(SWEEPER_FORK_GRACE_S); the branch gave its slot back: `sweeper resume` runs it"
+            )
+        if why is not None:
+            last = store.status(record.id).last_event
+            fields = dict(backend=NAME, job_id=job_id, reason=why)
+            if store.append_if(record.id, RunState.CANCELLED, expect=last, **fields):
+                return RunState.CANCELLED
+        time.sleep(FORK_POLL_S)
+    return None
 
 
 def run_experiment(
@@ -172,7 +230,7 @@ def run_experiment(
 
 
 def drive(sweep_dir: str, launch_file: str) -> int:
-    """The driver: wait for the launch file, connect to Ray, run trunks before their branches."""
+    """The driver: wait for the launch file, connect to Ray, run every run in one experiment."""
     store = SweepStore(Path(sweep_dir))
     path = Path(launch_file)
     deadline = time.monotonic() + _LAUNCH_FILE_WAIT_S
@@ -188,12 +246,7 @@ def drive(sweep_dir: str, launch_file: str) -> int:
     import ray
 
     try:
-        first, branches = _split(store, launch["runs"])
-        if first:
-            run_experiment(store, first, launch["name"], launch, cfg)
-        ready = _ready_branches(store, branches)
-        if ready:
-            run_experiment(store, ready, f"{launch['name']}-branches", launch, cfg)
+        run_experiment(store, _trunks_first(store, launch["runs"]), launch["name"], launch, cfg)
     finally:
         ray.shutdown()
     return 0
@@ -259,29 +312,11 @@ def _abandon(store: SweepStore, launch: dict[str, Any], state: RunState, why: st
             store.append_if(rid, state, expect=ev, backend=NAME, job_id=ev.job_id, reason=why)
 
 
-def _split(store: SweepStore, run_ids: list[str]) -> tuple[list[str], list[str]]:
-    """Runs that can start now, and branches whose trunk has not completed yet."""
-    waiting = set()
-    for rid in run_ids:
-        parent = store.load_record(rid).parent
-        if parent is not None and store.status(parent).state != RunState.COMPLETED:
-            waiting.add(rid)
-    return [r for r in run_ids if r not in waiting], [r for r in run_ids if r in waiting]
-
-
-def _ready_branches(store: SweepStore, branches: list[str]) -> list[str]:
-    """Branches whose trunk completed in the first phase; the others end ``cancelled``."""
-    ready = []
-    for rid in branches:
-        parent = store.load_record(rid).parent
-        assert parent is not None
-        state = store.status(parent).state
-        if state == RunState.COMPLETED:
-            ready.append(rid)
-        else:
-            why = f"trunk {parent} ended {state.value}"
-            store.append_if(rid, RunState.CANCELLED, backend=NAME, reason=why)
-    return ready
+def _trunks_first(store: SweepStore, run_ids: list[str]) -> list[str]:
+    """``run_ids`` with the branches last: Tune starts the trials in this order, so a branch takes
+    a slot only after the trunks (and single runs) of the launch did."""
+    branches = {r for r in run_ids if store.load_record(r).parent is not None}
+    return [r for r in run_ids if r not in branches] + [r for r in run_ids if r in branches]
 
 
 # -------------------------------------------------------------------------------- launcher side
@@ -377,7 +412,7 @@ class RayBackend:
             if "GPU" in bundle:
                 parts.append(f"GPU={bundle['GPU']:g}")
             parts.append(f"memory={bundle['memory'] / 2**30:g} GiB")
-            after = f"  (after trunk {r.parent})" if r.parent else ""
+            after = f"  (forks trunk {r.parent} at step {r.start_step})" if r.parent else ""
             lines.append(f"  {r.id}  {' '.join(parts)}{after}")
         return "\n".join(lines)
 
