@@ -16,7 +16,7 @@ fi
 cleanup() { [ $started_slurm = 1 ] && bash scripts/slurm-cluster.sh stop || true; }
 trap cleanup EXIT
 set +e
-.venv/bin/python -m pytest -q --timeout=900 "$@"
+.venv/bin/python -m pytest -q --timeout=900 --durations=30 "$@"
 rc=$?
 set -e
 [ $rc = 5 ] && { echo "no tests were collected"; exit 1; }

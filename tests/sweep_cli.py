@@ -248,8 +248,9 @@ def ray_head(env: dict[str, str], num_cpus: int = 2) -> Iterator[str]:
 
 
 def squeue_ids() -> set[str]:
-    """Job ids in the SLURM queue."""
-    out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True)
+    """Job ids in the SLURM queue, an array by its array job id (``%F``): a pending array splits
+    into per-task ids as its tasks start, which is not a new submission."""
+    out = subprocess.run(["squeue", "-h", "-o", "%F"], capture_output=True, text=True, check=True)
     return set(out.stdout.split())
 
 
