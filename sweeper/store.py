@@ -327,12 +327,15 @@ class SweepStore:
             raise StoreError(f"{path}: runs = {str(runs)[:60]}: expected a list of run ids")
         return doc
 
-    def plan_order(self) -> list[str]:
+    def plan_order(self, ids: list[str] | None = None) -> list[str]:
         """Run ids in ``plan.json`` order (trunks before branches), then any others, sorted.
 
         A damaged ``plan.json`` only loses the order: every run directory is still listed.
+
+        Args:
+            ids: The run ids, if the caller has just listed them (:meth:`run_ids`).
         """
-        ids = self.run_ids()
+        ids = self.run_ids() if ids is None else ids
         try:
             listed = self.load_plan()["runs"]
         except StoreError:

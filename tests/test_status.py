@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -103,14 +105,20 @@ def test_logs_prints_and_follows(done: Sweep, capsys: pytest.CaptureFixture) -> 
     path = done.store.run_dir(failed) / "stderr.log"
     proc = subprocess.Popen([SWEEPER, "logs", failed, "--sweep", str(done.root), "--stderr",
                              "--follow", "-n", "0"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    got: list[str] = []
+    stdout = proc.stdout
+    assert stdout is not None
+    reader = threading.Thread(target=lambda: got.append(stdout.readline()), daemon=True)
+    reader.start()
     try:
-        time.sleep(1.5)
-        with open(path, "a") as f:
-            f.write("a new line\n")
-        deadline = time.monotonic() + 20
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "a new line" in line and time.monotonic() < deadline
+        # appended until the follower prints one: a line written before it started (its start-up
+        # can take seconds on a loaded machine) is old news to it and is not printed
+        deadline = time.monotonic() + 30
+        while not got and time.monotonic() < deadline:
+            with open(path, "a") as f:
+                f.write("a new line\n")
+            reader.join(timeout=1.0)
+        assert got and "a new line" in got[0]
     finally:
         proc.kill()
         proc.communicate(timeout=10)
@@ -123,3 +131,146 @@ def test_render_limits_rows() -> None:
     console = Console(record=True, width=200)
     console.print(render("t", rows, limit=5))
     assert "2 more runs" in console.export_text()
+
+
+# ------------------------------------------------------------------ the persisted status cache
+
+
+@pytest.fixture
+def idle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Sweep:
+    """A 4-run sweep, never launched: one run completed, one running with a fresh heartbeat.
+    Rows are persisted however recent their files (no racy window)."""
+    import sweeper.live
+
+    monkeypatch.setattr(sweeper.live, "_RACY_NS", 0)
+    sweep = Sweep.create(fake_spec(tmp_path), tmp_path / "results")
+    done, running = sweep.store.plan_order()[:2]
+    for state in ("submitted", "running", "completed"):
+        sweep.store.append_event(done, state)
+    for state in ("submitted", "running"):
+        sweep.store.append_event(running, state)
+    rd = sweep.store.run_dir(running)
+    (rd / "metrics.jsonl").write_text(
+        json.dumps({"step": 3, "tokens": 96, "train_loss": 4.5, "tokens_per_s": 32.0}) + "\n"
+    )
+    (rd / "heartbeat").touch()
+    return sweep
+
+
+def _states(sweep: Sweep) -> tuple[dict[str, str], int]:
+    """Each run's state from a fresh view (as a new ``status`` command sees it), and its reads."""
+    view = LiveView(sweep)
+    rows = view.refresh()
+    return {r.run_id: r.state.value for r in rows}, view.reads
+
+
+def test_status_cache_serves_unchanged_runs_and_sees_a_changed_file(idle: Sweep) -> None:
+    truth, reads = _states(idle)
+    assert reads == 4 and sorted(truth.values()) == ["completed", "planned", "planned", "running"]
+    assert (idle.root / ".cache" / "status-rows.json").is_file()
+    assert _states(idle) == (truth, 0)  # a new view: every row from the cache, no file read
+    planned = [rid for rid, s in truth.items() if s == "planned"]
+    idle.store.append_event(planned[0], "submitted")  # an append: size and mtime change
+    states, reads = _states(idle)
+    assert reads == 1 and states == {**truth, planned[0]: "submitted"}
+    record = idle.store.run_dir(planned[1]) / "run.json"
+    size = record.stat().st_size
+    record.write_bytes(b"{" * size)  # damaged in place, same size
+    states, reads = _states(idle)
+    assert reads == 1 and states[planned[1]] == "error"
+    row = next(r for r in LiveView(idle).refresh() if r.run_id == planned[1])
+    assert row.reason and "run.json" in row.reason
+
+
+def test_status_turns_a_running_run_stale_by_the_clock_alone(
+    idle: Sweep, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    truth, _ = _states(idle)
+    running = next(rid for rid, s in truth.items() if s == "running")
+    row = next(r for r in LiveView(idle).refresh() if r.run_id == running)
+    assert row.tokens_per_s == 32.0 and row.eta_s is not None
+    later = time.time() + 3600  # nothing changes on disk; only the clock moves
+    monkeypatch.setattr("sweeper.live.time.time", lambda: later)
+    view = LiveView(idle)
+    rows = {r.run_id: r for r in view.refresh()}
+    assert view.reads == 0 and rows[running].state == RunState.STALE
+    assert rows[running].tokens_per_s is None and rows[running].eta_s is None
+    monkeypatch.undo()
+    assert _states(idle)[0][running] == "running"  # the cache never stored "stale"
+
+
+def _fifo(p: Path) -> None:
+    os.mkfifo(p)
+
+
+def _garbage(p: Path) -> None:
+    p.write_bytes(b"\x00{not json")
+
+
+def _wrong_types(p: Path) -> None:
+    doc = json.loads(p.read_bytes())
+    for entry in doc["runs"].values():
+        entry[1] = [5] * len(entry[1])  # a state that is not a state, numbers for names
+    p.write_text(json.dumps(doc))
+
+
+def _lying(p: Path) -> None:
+    doc = json.loads(p.read_bytes())
+    for entry in doc["runs"].values():
+        entry[0] = [1, 2, 3]  # signatures that match nothing: every row is read again
+        entry[1][0] = "completed"
+    p.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("damage", [_garbage, _wrong_types, _lying, _fifo, "symlink", "dir"])
+def test_a_damaged_status_cache_is_ignored_and_rebuilt(
+    idle: Sweep, tmp_path: Path, capsys: pytest.CaptureFixture, damage: object
+) -> None:
+    truth, _ = _states(idle)
+    cache = idle.root / ".cache" / "status-rows.json"
+    outside = tmp_path / "outside.json"
+    outside.write_bytes(cache.read_bytes().replace(b'"planned"', b'"completed"'))
+    before = outside.read_bytes()
+    cache.unlink()
+    if damage == "symlink":
+        cache.symlink_to(outside)  # a cache that lies, outside the sweep: never followed
+    elif damage == "dir":
+        (idle.root / ".cache").rename(tmp_path / "moved")
+        (idle.root / ".cache").symlink_to(outside.parent)  # never written through
+    elif damage is _fifo:
+        _fifo(cache)  # never waited on
+    else:
+        cache.write_bytes(before)
+        damage(cache)  # type: ignore[operator]
+    states, reads = _states(idle)
+    assert states == truth and reads == 4
+    assert outside.read_bytes() == before
+    assert not (tmp_path / "status-rows.json").exists()  # nothing written outside the sweep
+    assert not (tmp_path / "status-index.json").exists()
+    if damage != "dir":
+        assert cache.is_file() and not cache.is_symlink()  # rebuilt in place
+        assert _states(idle) == (truth, 0)
+    code, out, _ = run_main(capsys, "status", str(idle.root), "--format", "json")
+    assert code == 0 and {r["run_id"]: r["state"] for r in json.loads(out)} == truth
+
+
+def test_concurrent_status_commands_leave_a_sound_cache(idle: Sweep) -> None:
+    from sweeper.live import read_cache
+
+    truth, _ = _states(idle)
+    cache = idle.root / ".cache"
+    seen: list[dict[str, str]] = []
+
+    def status() -> None:
+        for _ in range(3):
+            (cache / "status-rows.json").unlink(missing_ok=True)  # every view writes it
+            seen.append(_states(idle)[0])
+
+    threads = [threading.Thread(target=status) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [truth] * 18
+    assert len(read_cache(idle.store, LiveView.ROWS, 1)) == 4
+    assert sorted(p.name for p in cache.iterdir()) == ["status-index.json", "status-rows.json"]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import sys
 from typing import Any
 
 import click
+import orjson
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -23,7 +23,8 @@ _RICH_MAX_ROWS = 500  # rich lays out every cell; beyond this a plain aligned ta
 def emit(rows: list[dict[str, Any]], fmt: str, title: str, columns: list[str]) -> None:
     """Print ``rows`` as a table (with ``title``), JSON or CSV, keeping ``columns``."""
     if fmt == "json":
-        click.echo(json.dumps([{c: r.get(c) for c in columns} for r in rows], indent=1))
+        data = [{c: r.get(c) for c in columns} for r in rows]
+        click.echo(orjson.dumps(data, default=_plain, option=orjson.OPT_INDENT_2).decode())
     elif fmt == "csv":
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
@@ -39,6 +40,12 @@ def emit(rows: list[dict[str, Any]], fmt: str, title: str, columns: list[str]) -
         for r in rows:
             table.add_row(*(Text(cell(r.get(c))) for c in columns))  # values are never markup
         out.print(table)
+
+
+def _plain(v: Any) -> Any:
+    """A value orjson does not know (a numpy scalar, a path) as a plain one."""
+    item = getattr(v, "item", None)
+    return item() if callable(item) else str(v)
 
 
 def plain_table(rows: list[dict[str, Any]], title: str, columns: list[str]) -> None:

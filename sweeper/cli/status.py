@@ -124,29 +124,56 @@ def status_cmd(
             [c for c in COLUMNS if c != "eta"]
             + ["eta_s", "model", "lr", "batch_size", "seed", "backend", "job_id"],
         )
-    for line in s.store.strays():  # entries of runs/ that are not runs: said, never fatal
+    for line in view.strays:  # entries of runs/ that are not runs: said, never fatal
         click.echo(f"warning: {line}", err=True)
     bad = sum(r.state in (RunState.FAILED, RunState.ERROR) for r in rows)
     return 1 if bad else 0
 
 
 def render(title: str, rows: list[RunProgress], limit: int = 500) -> Table | Group:
-    """The status table (the first ``limit`` rows; the title always counts every run)."""
-    table = Table(title=title, title_justify="left")
-    for c in COLUMNS:
-        table.add_column(
-            c,
-            overflow="fold",
-            justify="right" if c not in ("run_id", "state", "reason") else "left",
-        )
+    """The status table (the first ``limit`` rows; the title always counts every run): a rich
+    table up to :data:`_RICH_ROWS` rows, aligned lines beyond (rich lays out every cell: 500
+    rows cost 0.7 s, more than the rest of a ``status`` of 10,000 runs)."""
+    cells = []
     for r in rows[:limit]:
         d = r.to_dict()
         d["eta"] = format_seconds(r.eta_s) if r.eta_s is not None else None
-        style = _STYLE.get(r.state.value)
-        table.add_row(*(Text(cell(d.get(c))) for c in COLUMNS), style=style)  # never markup
+        cells.append([cell(d.get(c)) for c in COLUMNS])
+    styles = [_STYLE.get(r.state.value) for r in rows[:limit]]
+    shown: Table | Group = (
+        _table(title, cells, styles) if len(cells) <= _RICH_ROWS else _lines(title, cells, styles)
+    )
     if len(rows) > limit:
-        return Group(table, f"... {len(rows) - limit} more runs (filter with --state/--where)")
+        return Group(shown, f"... {len(rows) - limit} more runs (filter with --state/--where)")
+    return shown
+
+
+_RICH_ROWS = 100
+_LEFT = ("run_id", "state", "reason")
+
+
+def _table(title: str, cells: list[list[str]], styles: list[str | None]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for c in COLUMNS:
+        table.add_column(c, overflow="fold", justify="left" if c in _LEFT else "right")
+    for row, style in zip(cells, styles, strict=True):
+        table.add_row(*(Text(v) for v in row), style=style)  # never markup
     return table
+
+
+def _lines(title: str, cells: list[list[str]], styles: list[str | None]) -> Group:
+    """Aligned columns, one styled line a run, cut at the console's width (never wrapped)."""
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(COLUMNS)]
+
+    def line(values: list[str]) -> str:
+        parts = (v.ljust(w) if c in _LEFT else v.rjust(w)
+                 for c, v, w in zip(COLUMNS, values, widths, strict=True))  # fmt: skip
+        return "  ".join(parts).rstrip()
+
+    lines = [Text(line(row), style=style or "", no_wrap=True, overflow="ellipsis")
+             for row, style in zip(cells, styles, strict=True)]  # fmt: skip
+    header = Text(line(list(COLUMNS)), style="bold", no_wrap=True, overflow="ellipsis")
+    return Group(Text(title), header, *lines)
 
 
 def watch_view(
