@@ -119,6 +119,7 @@ def test_run_writes_the_contract_files(micro_run: Callable[..., dict], tmp_path:
         train(other, tmp_path)
 
 
+@pytest.mark.slow  # 15 s: three subprocess trainings
 def test_sigkill_sigterm_and_corrupt_checkpoint_resume_bit_identical(
     micro_run: Callable[..., dict], trainer_cli: Any, reference: list, tmp_path: Path
 ) -> None:
