@@ -206,7 +206,9 @@ def resolve_intercept(tables: Tables, options: AnalysisOptions) -> Intercept:
     return Intercept(c, per, origin)
 
 
-def _fit_options(options: AnalysisOptions, intercept: Intercept) -> FitOptions:
+def fit_options(options: AnalysisOptions, intercept: Intercept) -> FitOptions:
+    """The per-slice fit settings of ``options`` with the resolved intercept (one place, so every
+    caller, the autopilot included, fits slices the same way)."""
     return FitOptions(
         k=options.k,
         c_fixed=intercept.c_fixed,
@@ -262,7 +264,7 @@ def analyze_tables(
     smoothed = smoothed_points(tables, options)
     t1 = time.perf_counter()
     points = slice_points(smoothed)
-    optima = optima_from_points(points, _fit_options(options, intercept))
+    optima = optima_from_points(points, fit_options(options, intercept))
     extra = _extra_analyses(tables, options)
     if (optima.empty or not (optima["status"] == "ok").any()) and not any(extra.values()):
         raise AnalysisError(
@@ -353,7 +355,7 @@ def propose(
         existing = [*existing, *refine.run_keys(planned_runs(data))]
     intercept = resolve_intercept(tables, options)
     smoothed = smoothed_points(tables, options)
-    optima = find_optima(smoothed, replace(_fit_options(options, intercept), n_boot=0))
+    optima = find_optima(smoothed, replace(fit_options(options, intercept), n_boot=0))
     return refine.propose(
         tables.horizons, optima, refine_options or refine.RefineOptions(), existing=existing
     )

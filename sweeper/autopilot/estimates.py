@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sweeper import tables
-from sweeper.analysis.api import AnalysisOptions, resolve_intercept, smoothed_points
-from sweeper.analysis.optimum import FitOptions, optima_from_points, slice_points
+from sweeper.analysis.api import AnalysisOptions, fit_options, resolve_intercept, smoothed_points
+from sweeper.analysis.optimum import optima_from_points, slice_points
 from sweeper.analysis.tables import AnalysisError, Tables, from_frames, layout_labels
 
 # runs-table columns the rules use
@@ -140,15 +140,7 @@ def take(sweep_root: Path, n_boot: int, seed: int = 0) -> Snapshot:
 
 def _optima(t: Tables, pts: pd.DataFrame, opts: AnalysisOptions) -> pd.DataFrame:
     intercept = resolve_intercept(t, opts)
-    fit = FitOptions(
-        k=opts.k,
-        c_fixed=intercept.c_fixed,
-        c_per_model=intercept.per_model,
-        weight_floor=opts.weight_floor,
-        gap_sigmas=opts.gap_sigmas,
-        n_boot=opts.n_boot,
-        seed=opts.seed,
-    )
+    fit = fit_options(opts, intercept)
     optima = optima_from_points(pts, fit)
     if optima.empty:
         return optima
