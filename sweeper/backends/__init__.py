@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from sweeper.errors import BackendError, SpecError
-from sweeper.records import RunRecord
-from sweeper.store import SweepStore
+from sweeper.records import RunRecord, RunState
+from sweeper.store import RunStatus, SweepStore, hostname
 from trainer.config import ConfigError, _build
 
 BACKENDS: dict[str, str] = {
@@ -121,3 +122,41 @@ def with_parallel(config: Any, field: str, value: int | None) -> Any:
     if value is None:
         return config
     return dataclasses.replace(config, **{field: value})
+
+
+# ------------------------------------------------------------------- shared by in-host backends
+
+
+def reconcile_on_this_host(
+    store: SweepStore, backend: str, what: str, alive: Callable[[str, int], bool]
+) -> None:
+    """End the runs that ``backend`` started on this host and whose process is gone.
+
+    A submitted, running or stale run whose last event names ``backend``, this host and a pid,
+    and for which ``alive(run_id, pid)`` is false, ends ``failed`` if it was running and
+    ``cancelled`` if it never started; the reason names ``what`` (e.g. ``local process``) and
+    the pid. Guarded by the last event, so a run that moved on meanwhile is left alone.
+    """
+    me = hostname()
+    live = (RunState.SUBMITTED, RunState.RUNNING, RunState.STALE)
+    for rid, st in store.statuses().items():
+        ev = st.last_event
+        if ev is None or st.state not in live:
+            continue
+        if ev.backend != backend or ev.host != me or ev.pid is None or alive(rid, ev.pid):
+            continue
+        state = RunState.FAILED if ev.state == RunState.RUNNING else RunState.CANCELLED
+        why = f"{what} {ev.pid} on {me} is gone"
+        store.append_if(rid, state, expect=ev, backend=backend, reason=why)
+
+
+def cancel_queued(store: SweepStore, run_id: str, backend: str) -> RunStatus:
+    """Mark ``run_id`` ``cancelled`` if it is still queued (guarded by its last event, so its
+    launcher skips it); return the status it had."""
+    st = store.status(run_id)
+    if st.state == RunState.SUBMITTED:
+        store.append_if(
+            run_id, RunState.CANCELLED, expect=st.last_event, backend=backend,
+            reason="cancelled by user",
+        )  # fmt: skip
+    return st

@@ -29,7 +29,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from sweeper.backends import LaunchOptions
+from sweeper.backends import LaunchOptions, cancel_queued, reconcile_on_this_host
 from sweeper.records import RunRecord, RunState
 from sweeper.store import SweepStore, hostname, pid_alive
 from sweeper.worker import run_trial, signal_trainer
@@ -110,30 +110,15 @@ class LocalBackend:
     # ---- reconcile / cancel
     def reconcile(self, store: SweepStore) -> None:
         """A submitted/running local run whose process on this host is gone: failed/cancelled."""
-        me = hostname()
-        for rid, st in store.statuses().items():
-            ev = st.last_event
-            if ev is None or st.state not in (RunState.SUBMITTED, RunState.RUNNING, RunState.STALE):
-                continue
-            if ev.backend != "local" or ev.host != me or ev.pid is None:
-                continue
-            if pid_alive(ev.pid):
-                continue
-            why = f"local process {ev.pid} on {me} is gone"
-            state = RunState.FAILED if ev.state == RunState.RUNNING else RunState.CANCELLED
-            store.append_if(rid, state, expect=ev, backend="local", reason=why)
+        reconcile_on_this_host(store, "local", "local process", lambda _rid, pid: pid_alive(pid))
 
     def cancel(self, store: SweepStore, run_ids: list[str]) -> None:
         """SIGTERM the trainers of running runs (they checkpoint and end ``cancelled``); queued
         runs are marked ``cancelled`` so their launcher skips them."""
         for rid in run_ids:
-            st = store.status(rid)
+            st = cancel_queued(store, rid, "local")
             ev = st.last_event
-            if st.state == RunState.SUBMITTED:
-                store.append_if(
-                    rid, RunState.CANCELLED, expect=ev, backend="local", reason="cancelled by user"
-                )
-            elif st.state == RunState.RUNNING and ev is not None and ev.host == hostname():
+            if st.state == RunState.RUNNING and ev is not None and ev.host == hostname():
                 signal_trainer(store.run_dir(rid), signal.SIGTERM)
 
 

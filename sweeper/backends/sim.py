@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sweeper.backends import LaunchOptions
+from sweeper.backends import LaunchOptions, cancel_queued, reconcile_on_this_host
 from sweeper.records import RunKind, RunRecord, RunState
 from sweeper.store import SweepStore, hostname, pid_alive, read_json, touch, write_json_atomic
 from sweeper.worker import TRIAL_FILE, _write_trial
@@ -222,31 +222,19 @@ class SimBackend:
 
     def reconcile(self, store: SweepStore) -> None:
         """A submitted/running sim run whose launcher on this host is gone: failed/cancelled."""
-        me = hostname()
-        for rid, st in store.statuses().items():
-            ev = st.last_event
-            if ev is None or st.state not in (RunState.SUBMITTED, RunState.RUNNING, RunState.STALE):
-                continue
-            if ev.backend != self.name or ev.host != me or ev.pid is None:
-                continue
-            if (store.root.resolve(), rid) in _LIVE:
-                continue
-            if pid_alive(ev.pid) and ev.pid != os.getpid():
-                continue
-            why = f"sim launcher {ev.pid} on {me} is gone"
-            state = RunState.FAILED if ev.state == RunState.RUNNING else RunState.CANCELLED
-            store.append_if(rid, state, expect=ev, backend=self.name, reason=why)
+        root = store.root.resolve()
+
+        def alive(rid: str, pid: int) -> bool:
+            # a run this process simulates is alive; this process's pid on a run it does not
+            # simulate is a launcher that died and whose pid came back to this process
+            return (root, rid) in _LIVE or (pid_alive(pid) and pid != os.getpid())
+
+        reconcile_on_this_host(store, self.name, "sim launcher", alive)
 
     def cancel(self, store: SweepStore, run_ids: list[str]) -> None:
         """Queued runs end ``cancelled`` now; running ones at the end of their launcher's round."""
         for rid in run_ids:
-            st = store.status(rid)
-            if st.state == RunState.SUBMITTED:
-                store.append_if(
-                    rid, RunState.CANCELLED, expect=st.last_event, backend=self.name,
-                    reason="cancelled by user",
-                )  # fmt: skip
-            elif st.state == RunState.RUNNING:
+            if cancel_queued(store, rid, self.name).state == RunState.RUNNING:
                 request_stop(store, rid, RunState.CANCELLED, reason="cancelled by user")
 
 
