@@ -226,6 +226,7 @@ def test_too_small_corpus_fails_before_writing_anything(
     assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # two torchrun ranks start and import torch: ~11 s
 def test_two_rank_torchrun_matches_one_rank(
     micro_run: Callable[..., dict], trainer_cli: Any, tmp_path: Path
 ) -> None:
