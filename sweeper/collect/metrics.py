@@ -132,10 +132,7 @@ def _fast(bodies: list[bytes], start: int = 0) -> pa.Table | None:
         return None  # a line without a step or tokens: the fallback names it
     if table.num_rows and min(pc.min(step).as_py(), pc.min(tokens).as_py()) < 0:
         return None
-    # pyarrow reads NaN and Infinity, which parse_metrics_line turns into null; every spelling
-    # it accepts contains one of these two words.
-    if any(b"NaN" in body or b"Inf" in body for body in bodies):
-        table = _null_non_finite(table)
+    table = _null_non_finite(table)  # pyarrow reads NaN and Infinity; the contract has null
     i = table.schema.get_field_index("horizon")
     return table.set_column(i, "horizon", table.column("horizon").fill_null(False))
 
