@@ -147,11 +147,14 @@ def cell_snapshot(losses: dict[float, float], tokens: int = 2**16) -> estimates.
 
 
 def test_an_edge_is_extended_at_the_grid_spacing_and_a_short_side_filled() -> None:
-    cfg = AutopilotConfig()
-    group = proposals._Group(cell_snapshot({-1.0: 3.0, 1.0: 3.5}), cfg, "m", "1:1:1", 8, None)
+    edge = cell_snapshot({-1.0: 3.0, 1.0: 3.5})
     cell = SimpleNamespace(why="optimum at the low edge", log2_lr_star=math.nan)
+    group = proposals._Group(edge, AutopilotConfig(), "m", "1:1:1", 8, None)
+    assert [p.log2_lr for p in group.for_cell(2**16, cell)] == [-3.0]  # side_points = 1
+    cfg = AutopilotConfig(side_points=2)
+    group = proposals._Group(edge, cfg, "m", "1:1:1", 8, None)
     props = group.for_cell(2**16, cell)
-    # two rates past the edge at the grid's own 2-octave spacing, not one fine step per wave
+    # side_points rates past the edge at the grid's own 2-octave spacing, not one fine step
     assert [p.log2_lr for p in props] == [-3.0, -5.0]
     assert all("below at spacing 2" in p.reason for p in props)
     high = proposals._Group(cell_snapshot({-1.0: 3.5, 1.0: 3.0}), cfg, "m", "1:1:1", 8, None)
@@ -161,6 +164,25 @@ def test_an_edge_is_extended_at_the_grid_spacing_and_a_short_side_filled() -> No
     group = proposals._Group(snap, cfg, "m", "1:1:1", 8, None)
     cell = SimpleNamespace(why="1 rates below eta*, 3 above", log2_lr_star=-2.2)
     assert [p.log2_lr for p in group.for_cell(2**16, cell)] == [-2.75, -3.25]
+
+
+def test_a_noisy_cell_is_widened_once_its_design_is_there() -> None:
+    cfg = AutopilotConfig(side_points=1, min_step_log2=0.5)
+    snap = cell_snapshot({-2.5: 3.02, -2.0: 3.0, -1.5: 3.01})
+    group = proposals._Group(snap, cfg, "m", "1:1:1", 8, None)
+    cell = SimpleNamespace(why="interval +-0.80 > 0.5", log2_lr_star=-2.2)
+    # the design (-2.5, -2.0) has its points: the next rate outward on each side, one per wave,
+    # up to max_side_points lattice rates per side
+    props = group.for_cell(2**16, cell)
+    assert [p.log2_lr for p in props] == [-3.0, -1.0]
+    assert all("widened" in p.reason for p in props)
+    group = proposals._Group(snap, cfg.replace(max_side_points=2), "m", "1:1:1", 8, None)
+    assert [p.log2_lr for p in group.for_cell(2**16, cell)] == [-3.0]
+    # the design's rate (-2.5) is already proposed this wave for another cell: wait for it
+    snap = cell_snapshot({-3.0: 3.1, -2.0: 3.0, -1.0: 3.2})
+    group = proposals._Group(snap, cfg, "m", "1:1:1", 8, None)
+    group.tried.add((-2.5, 30))
+    assert group.for_cell(2**16, cell) == []
 
 
 # ------------------------------------------------------------------------------ the loop

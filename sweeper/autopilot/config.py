@@ -6,7 +6,7 @@ Every key is optional; ``docs/autopilot.md`` explains each rule the values feed:
     tolerance_log2 = 0.5       # half-width of eta*'s 95 % interval per (model, B, D) cell
     max_waves = 8
     budget_tokens = 0          # 0: no budget; else stop once this many tokens were trained
-    norm_margin_log2 = 1.0     # stop a run once its norm is this far above the band's upper limit
+    norm_margin_log2 = 0.5     # stop a run once its norm is this far above the band's upper limit
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ class AutopilotConfig:
         budget_flops: Stop once this many FLOPs were spent (0: no budget).
         lr_log2_min: Lowest log2 rate an edge may be extended to.
         lr_log2_max: Highest log2 rate an edge may be extended to.
+        max_side_points: Finest-lattice rates per side a cell still not identified once its
+            design is there (noise; an edge whose far side was stopped before D) is widened
+            to, one rate per side and wave (the analysis fits the 7 points nearest the
+            minimum: 3 on each side).
         max_seeds: Seeds per rate when a cell is still too noisy at the finest spacing.
         batch_proposals: Propose batch sizes beyond the tried ones toward B*(D).
         max_new_batch_sizes: Batch sizes the autopilot may add per model.
@@ -58,7 +62,7 @@ class AutopilotConfig:
     """
 
     tolerance_log2: float = 0.5
-    side_points: int = 2
+    side_points: int = 1
     design_step_log2: float = 0.5
     min_step_log2: float = 0.25
     max_waves: int = 8
@@ -66,11 +70,12 @@ class AutopilotConfig:
     budget_flops: float = 0.0
     lr_log2_min: float = -30.0
     lr_log2_max: float = 6.0
+    max_side_points: int = 3
     max_seeds: int = 1
     batch_proposals: bool = True
     max_new_batch_sizes: int = 2
     early_stop: bool = True
-    norm_margin_log2: float = 1.0
+    norm_margin_log2: float = 0.5
     band_min_slices: int = 3
     band_max_width_log2: float = 3.0
     band_z: float = 2.0
@@ -96,6 +101,8 @@ class AutopilotConfig:
         for key in ("budget_tokens", "budget_flops", "max_waves", "max_new_batch_sizes"):
             _check(file, key, getattr(self, key), lambda v: v >= 0, "must be >= 0")
         _check(file, "side_points", self.side_points, lambda v: 1 <= v <= 20, "must be in 1..20")
+        _check(file, "max_side_points", self.max_side_points, lambda v: 1 <= v <= 20,
+               "must be in 1..20")  # fmt: skip
         _check(file, "max_seeds", self.max_seeds, lambda v: 1 <= v <= 16, "must be in 1..16")
         _check(file, "band_min_slices", self.band_min_slices, lambda v: v >= 2, "must be >= 2")
         _check(file, "n_boot", self.n_boot, lambda v: 20 <= v <= 10_000, "must be in 20..10000")

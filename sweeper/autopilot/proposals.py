@@ -11,7 +11,10 @@ with its reason:
 * **one-sided**: ``side_points`` rates on the short side of the estimate, ``design_step_log2``
   apart;
 * **densify**: the design around eta*, finer while the usable rates around it are close (down to
-  ``min_step_log2``); then, at the finest spacing, further seeds at the rates nearest eta*
+  ``min_step_log2``);
+* **widen**: the design there at the finest spacing and the cell still unsettled (noise, or an
+  edge whose far side was stopped before D): the next finest-lattice rate outward on each side,
+  one per wave, up to ``max_side_points`` a side; then further seeds at the rates nearest eta*
   (``max_seeds``);
 * **no points**: rates around eta* predicted from the trend (or the nearest identified cell);
 * **batch**: when B*(D) (the batch with the lowest optimal loss) is the smallest or largest batch
@@ -184,8 +187,35 @@ class _Group:
         while not out and h > self.cfg.min_step_log2 + 1e-9:  # the design's rates were tried
             h = max(self.cfg.min_step_log2, h / 2)  # (e.g. stopped before D): a finer one
             out = self._design(centre, h, f"D = {tokens}: {c.why}; design at spacing {h:g}")
-        if not out and h <= self.cfg.min_step_log2 + 1e-9 and not edge:
+        finest = h <= self.cfg.min_step_log2 + 1e-9
+        if not out and self._pending(centre, h):
+            return []  # another cell of this wave asked for the design's rates: wait for them
+        if not out and finest:  # the design is there, the cell still unsettled: widen it
+            out = self._widen(centre, valid, f"D = {tokens}: {c.why}; widened")
+        if not out and finest and not edge:
             out = self._seeds(centre, valid, f"D = {tokens}: {c.why}; another seed")
+        return out
+
+    def _pending(self, centre: float, h: float) -> bool:
+        """Whether a rate this wave already proposes (for another cell of the batch size) lies
+        within ``side_points`` steps of h of the centre."""
+        width = (self.cfg.side_points + 0.5) * h
+        return any(abs(v - centre) <= width for v, _ in self.tried if v not in self.rates)
+
+    def _widen(self, centre: float, valid: list[float], why: str) -> list[Proposal]:
+        """A cell still unsettled with its design there: on each side, the nearest of the
+        ``max_side_points`` finest-lattice rates next to the centre that has no point yet, one
+        per side and wave. A side ends at a rate tried without a point here (a run stopped or
+        diverged before this D: no rate beyond it would get further)."""
+        h, out = self.cfg.min_step_log2, []
+        have = {round(v, 6) for v in valid}
+        first = {-1: math.floor(centre / h - 1e-9), 1: math.ceil(centre / h + 1e-9)}
+        for side, start in first.items():
+            for j in range(self.cfg.max_side_points):
+                v = self._lattice((start + side * j) * h)
+                if v not in have:
+                    out += [] if v in self.rates else self._make(v, self.seed, why)
+                    break
         return out
 
     def _extend(self, side: int, valid: list[float], centre: float, edge: bool, why: str
