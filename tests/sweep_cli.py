@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from sweeper.records import RunEvent
+from sweeper.records import RunEvent, RunState
 from sweeper.store import SweepStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,6 +80,20 @@ class Sweep:
     def kinds(self, rid: str) -> list[str]:
         """The states of the run's events, oldest first."""
         return [e.state.value for e in self.events(rid)]
+
+
+def forked_while_trunk_ran(sw: Sweep, states: dict[str, str]) -> tuple[str, str]:
+    """The trunk and the branch of a one-branch WSD sweep that completed, once checked that the
+    branch started after the trunk wrote its fork checkpoint and before the trunk ended."""
+    (trunk,) = [r for r in states if sw.store.load_record(r).parent is None]
+    (branch,) = [r for r in states if r != trunk]
+    step = sw.store.load_record(branch).start_step
+    ckpt = sw.store.run_dir(trunk) / "ckpt" / f"step_{step:08d}.pt"
+    started = next(e for e in sw.events(branch) if e.state == RunState.RUNNING)
+    ended = sw.events(trunk)[-1]
+    assert ended.state == RunState.COMPLETED
+    assert ckpt.stat().st_mtime <= started.ts < ended.ts  # at the fork, while the trunk ran
+    return trunk, branch
 
 
 def all_in(*states: str) -> Callable[[dict[str, str]], bool]:

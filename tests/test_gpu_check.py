@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -34,15 +33,6 @@ def _load() -> ModuleType:
 
 
 gpu_check = _load()
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One torch thread: tiny models on two threads of a shared machine mostly wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_without_cuda_it_prints_one_line_and_exits_0() -> None:

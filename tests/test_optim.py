@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import math
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -148,15 +147,6 @@ def _ns_relative_error(G: torch.Tensor, **kwargs: object) -> float:
     """Largest relative error of ``newton_schulz(G)`` against the float64 plain iteration."""
     out = newton_schulz(G, **kwargs)  # type: ignore[arg-type]
     return _relative_error(out, _wide_reference(G, torch.float64))
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One torch thread: small products on two threads of a shared machine mostly wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_accuracy_shapes_cover_the_preset_aspect_ratios() -> None:

@@ -30,6 +30,7 @@ from sweep_cli import (
     all_in,
     base_env,
     fake_command,
+    forked_while_trunk_ran,
     logged_steps,
     losses,
     micro_spec,
@@ -490,14 +491,7 @@ def test_a_branch_starts_at_its_trunks_checkpoint_not_at_the_trunks_end(
     sw = SlurmSweep(tmp_path, env, "fork", text)
     sw.cli("launch", str(sw.spec))
     states = sw.wait(all_in("completed"), timeout=180)
-    (trunk,) = [r for r in states if sw.store.load_record(r).parent is None]
-    (branch,) = [r for r in states if r != trunk]
-    step = sw.store.load_record(branch).start_step
-    ckpt = sw.store.run_dir(trunk) / "ckpt" / f"step_{step:08d}.pt"
-    started = next(e for e in sw.events(branch) if e.state == RunState.RUNNING)
-    ended = sw.events(trunk)[-1]
-    assert ended.state == RunState.COMPLETED
-    assert ckpt.stat().st_mtime <= started.ts < ended.ts  # at the fork, while the trunk ran
+    forked_while_trunk_ran(sw, states)
     jobs = {e.job_id for r in states for e in sw.events(r) if e.job_id}
     assert {j.split("_")[0] for j in jobs if j} == {next(iter(jobs)).split("_")[0]}  # one array
 
